@@ -1,8 +1,13 @@
+import os
+
 import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Tests never reach a hub: they use models built here and the embedded model's local cache.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 OPENERS = [
     "The sun was setting over",
