@@ -3,6 +3,7 @@
 from .dpo import DPOConfig, DPOTrainer
 from .dpo_losses import PreferenceLogps, PreferenceLossOutput, register_dpo_loss, registered_dpo_losses
 from .embedded import resolve_model_name
+from .sft import SFTConfig, SFTTrainer
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,6 @@ __all__ = [
     "register_dpo_loss",
     "registered_dpo_losses",
     "resolve_model_name",
+    "SFTConfig",
+    "SFTTrainer",
 ]

@@ -1,12 +1,12 @@
 """Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered in `trl_ext.dpo_losses` to TRL's."""
 
-import contextlib
 from dataclasses import dataclass, field
 
 import trl
 from datasets import Dataset, IterableDataset
 from trl.trainer.utils import FusedCausalLMOutput, get_config_model_id
 
+from ._fused import record_fused_outputs
 from .dpo_losses import (
     TRL_DPO_LOSS_TYPES,
     PreferenceLogps,
@@ -111,7 +111,10 @@ class DPOTrainer(trl.DPOTrainer):
         if not self.extension_losses:
             return super()._compute_loss(model, inputs, return_outputs)
 
-        with self._record_fused_outputs(model) as fused_outputs:
+        # TRL runs the policy first, then (unless reference log-probs are precomputed) the reference: `ref_model`,
+        # or the policy itself with its adapter disabled.
+        reference = [self.ref_model] if self.ref_model is not None else []
+        with record_fused_outputs(self.accelerator.unwrap_model(model), self.model, *reference) as fused_outputs:
             result = super()._compute_loss(model, inputs, return_outputs)
         loss, outputs = result if return_outputs else (result, None)
 
@@ -124,29 +127,6 @@ class DPOTrainer(trl.DPOTrainer):
                 gathered = self.accelerator.gather(value.detach().float())
                 self._metrics[mode][f"{name}/{key}"].append(gathered.mean().item())
         return (loss, outputs) if return_outputs else loss
-
-    @contextlib.contextmanager
-    def _record_fused_outputs(self, model):
-        """Records, in call order, the fused-head outputs of the forwards TRL runs in `_compute_loss`.
-
-        TRL runs the policy first, then (unless reference log-probs are precomputed) the reference: `ref_model`, or
-        the policy itself with its adapter disabled. Hooking both modules lets trl_ext reuse those forwards.
-        """
-        fused_outputs: list[FusedCausalLMOutput] = []
-
-        def record(module, args, output):
-            if isinstance(output, FusedCausalLMOutput):
-                fused_outputs.append(output)
-
-        modules = {self.accelerator.unwrap_model(model), self.model}
-        if self.ref_model is not None:
-            modules.add(self.ref_model)
-        handles = [module.register_forward_hook(record) for module in modules]
-        try:
-            yield fused_outputs
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _preference_logps(self, inputs, fused_outputs: list[FusedCausalLMOutput]) -> PreferenceLogps:
         expected = 1 if self.precompute_ref_logps else 2
