@@ -89,3 +89,64 @@ def test_kl_sft_penalty_holds_policy_closer_to_reference(tiny_model_dir, prefere
 def test_bad_config_is_refused(tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
         make_config(SFTConfig, tmp_path, **config)
+
+
+def test_ift_gamma_and_lambda_zero_is_nll(tiny_model_dir, preference_dataset, tmp_path):
+    # Every completion has the same length here, so the per-sequence mean equals TRL's per-token mean.
+    ift = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "ift",
+                loss_type="ift", ift_gamma=0.0, ift_lambda=0.0)
+    nll = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "nll", loss_type="nll")
+    for ift_entry, nll_entry in zip(step_logs(ift), step_logs(nll), strict=True):
+        assert ift_entry["loss"] == pytest.approx(nll_entry["loss"], rel=1e-5)
+        assert ift_entry["ift/nll_mixed"] == pytest.approx(nll_entry["loss"], rel=1e-5)
+        assert ift_entry["ift/nll_teacher_forced"] == pytest.approx(nll_entry["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["greedy", "soft"])
+def test_ift_trains(tiny_model_dir, preference_dataset, tmp_path, prediction):
+    trainer = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path,
+                    loss_type="ift", ift_prediction=prediction, ift_lambda=0.5, learning_rate=1e-2, max_steps=6)
+    logs = step_logs(trainer)
+    assert all(entry["ift/lambda"] == 0.5 for entry in logs)
+    # Mixing in predictions changes the inputs, so the mixed NLL differs from the teacher-forced one
+    assert logs[0]["ift/nll_mixed"] != pytest.approx(logs[0]["ift/nll_teacher_forced"], rel=1e-4)
+    assert logs[-1]["loss"] < 0.9 * logs[0]["loss"]
+    assert logs[-1]["ift/nll_teacher_forced"] < logs[0]["ift/nll_teacher_forced"]
+    assert {"entropy", "mean_token_accuracy"} <= set(logs[-1])  # TRL's metrics, from the mixed forward
+
+
+def test_ift_linear_lambda_schedule_and_resume(tiny_model_dir, preference_dataset, tmp_path):
+    schedule = dict(loss_type="ift", ift_lambda=0.4, ift_lambda_min=0.0, ift_lambda_schedule="linear",
+                    ift_lambda_warmup_steps=4, max_steps=6, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2)
+    trainer = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "full", **schedule)
+    # Updated once per optimizer step: 0, 0.1, 0.2, 0.3, then 0.4
+    assert [entry["ift/lambda"] for entry in step_logs(trainer)] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4])
+
+    resumed = SFTTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(SFTConfig, tmp_path / "resumed", save_strategy="steps", save_steps=2,
+                                          **schedule))
+    resumed.train()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert [entry["ift/lambda"] for entry in step_logs(resumed)][-4:] == pytest.approx([0.2, 0.3, 0.4, 0.4])
+
+
+def test_ift_with_lora(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path, {"peft_config": LORA},
+                    loss_type="ift", learning_rate=1e-2, max_steps=4)
+    logs = step_logs(trainer)
+    assert logs[-1]["ift/nll_teacher_forced"] < logs[0]["ift/nll_teacher_forced"]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"loss_type": "ift", "ift_lambda": 1.5}, r"`ift_lambda` must be in \[0, 1\], got 1.5"),
+        ({"loss_type": "ift", "ift_gamma": -0.1}, r"`ift_gamma` must be in \[0, 1\], got -0.1"),
+        ({"loss_type": "ift", "ift_prediction": "sampled"}, r"Unknown `ift_prediction` 'sampled'. Valid values: \['greedy', 'soft'\]"),
+        ({"loss_type": "ift", "packing": True}, r"does not support `packing=True`"),
+    ],
+)
+def test_bad_ift_config_is_refused(tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(SFTConfig, tmp_path, **config)

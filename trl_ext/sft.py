@@ -1,4 +1,4 @@
-"""Drop-in `SFTConfig` / `SFTTrainer` that add KL-SFT to TRL's `nll` and `dft` losses."""
+"""Drop-in `SFTConfig` / `SFTTrainer` that add KL-SFT and IFT to TRL's `nll` and `dft` losses."""
 
 import contextlib
 from dataclasses import dataclass, field
@@ -16,8 +16,12 @@ from ._fused import record_fused_outputs
 from .embedded import resolve_model_name
 
 TRL_SFT_LOSS_TYPES = ("nll", "dft")
-SFT_LOSS_TYPES = TRL_SFT_LOSS_TYPES + ("kl_sft",)
+SFT_LOSS_TYPES = TRL_SFT_LOSS_TYPES + ("kl_sft", "ift")
 KL_PENALTIES = {"sq_logratio": losses.sq_logratio_penalty, "token_kl": losses.token_kl_penalty}
+IFT_PREDICTIONS = ("greedy", "soft")
+IFT_LAMBDA_SCHEDULES = ("constant", "linear")
+# Rows of (positions x vocabulary) logits IFT's first pass holds at once
+IFT_PREDICTION_CHUNK = 256
 
 
 @dataclass
@@ -25,9 +29,14 @@ class SFTConfig(trl.SFTConfig):
     r"""
     [`trl.SFTConfig`] with trl_ext's extra loss types.
 
-    `loss_type` takes TRL's `"nll"` and `"dft"` plus `"kl_sft"`: the NLL of the target completion plus `kl_coef` times
-    a penalty toward a frozen reference model. The reference is `ref_model` if given to the trainer, else the model
-    with its PEFT adapter disabled, else a frozen copy of the initial model.
+    `loss_type` takes TRL's `"nll"` and `"dft"` plus:
+    - `"kl_sft"`: the NLL of the target completion plus `kl_coef` times a penalty toward a frozen reference model. The
+      reference is `ref_model` if given to the trainer, else the model with its PEFT adapter disabled, else a frozen
+      copy of the initial model.
+    - `"ift"`: Intuitive Fine-Tuning (Hua et al. 2024): a no-grad pass predicts every completion token from its
+      prefix, the prediction is mixed into the next input embedding (temporal residual connection, `ift_lambda`),
+      and a second pass learns the ground truth from the mixed inputs, with per-token weights from relation
+      propagation (`ift_gamma`). About 4/3 of SFT's compute; no reference model.
 
     Parameters:
         kl_coef (`float`, *optional*, defaults to `0.1`):
@@ -36,6 +45,23 @@ class SFTConfig(trl.SFTConfig):
             `"sq_logratio"`: squared difference of the per-token averaged completion log-probs of policy and
             reference (the Penn experiment's; penalises drift both ways). `"token_kl"`: per-token reverse-KL
             estimate `k3 = exp(r) - r - 1`, `r = logp_ref - logp_policy`, on the target tokens.
+        ift_lambda (`float`, *optional*, defaults to `0.2`):
+            Weight of the predicted embedding in IFT's mixed inputs, in [0, 1] (the target of the linear schedule).
+        ift_gamma (`float`, *optional*, defaults to `0.95`):
+            Discount of IFT's relation propagation, in [0, 1]; `0` weights every token 1.
+        ift_prediction (`str`, *optional*, defaults to `"greedy"`):
+            `"greedy"`: the embedding of the argmax token (the official code). `"soft"`: the probability-weighted
+            average of the embedding rows (the paper's description); it costs a `(positions, vocab) @ (vocab, hidden)`
+            product, computed in chunks of 256 positions in the model's dtype.
+        ift_lambda_schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"`, or `"linear"`: from `ift_lambda_min` to `ift_lambda` over `ift_lambda_warmup_steps`
+            optimizer steps. Computed from the global step, so it is right after resuming from a checkpoint.
+        ift_lambda_min (`float`, *optional*, defaults to `0.0`):
+            Start of the linear schedule, in [0, `ift_lambda`].
+        ift_lambda_warmup_steps (`int`, *optional*, defaults to `0`):
+            Length of the linear schedule in optimizer steps.
+        ift_detach_weights (`bool`, *optional*, defaults to `False`):
+            Whether to stop the gradient through the relation-propagation weights (the official code does not).
     """
 
     kl_coef: float = field(default=0.1, metadata={"help": "Weight of the KL-SFT penalty (>= 0; 0 is exactly `nll`)."})
@@ -43,6 +69,18 @@ class SFTConfig(trl.SFTConfig):
         default="sq_logratio",
         metadata={"help": "KL-SFT penalty.", "choices": list(KL_PENALTIES)},
     )
+
+    ift_lambda: float = field(default=0.2, metadata={"help": "IFT mixing weight of the prediction, in [0, 1]."})
+    ift_gamma: float = field(default=0.95, metadata={"help": "IFT relation-propagation discount, in [0, 1]."})
+    ift_prediction: str = field(
+        default="greedy", metadata={"help": "IFT prediction embedding.", "choices": list(IFT_PREDICTIONS)}
+    )
+    ift_lambda_schedule: str = field(
+        default="constant", metadata={"help": "IFT lambda schedule.", "choices": list(IFT_LAMBDA_SCHEDULES)}
+    )
+    ift_lambda_min: float = field(default=0.0, metadata={"help": "Start of IFT's linear lambda schedule."})
+    ift_lambda_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of IFT's lambda ramp."})
+    ift_detach_weights: bool = field(default=False, metadata={"help": "Detach IFT's relation-propagation weights."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,6 +99,23 @@ def validate_sft_config(args: trl.SFTConfig) -> None:
         raise ValueError(f"`kl_coef` must be >= 0, got {args.kl_coef}.")
     if args.kl_penalty not in KL_PENALTIES:
         raise ValueError(f"Unknown `kl_penalty` '{args.kl_penalty}'. Valid values: {list(KL_PENALTIES)}.")
+    for name in ("ift_lambda", "ift_gamma", "ift_lambda_min"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"`{name}` must be in [0, 1], got {getattr(args, name)}.")
+    if args.ift_prediction not in IFT_PREDICTIONS:
+        raise ValueError(f"Unknown `ift_prediction` '{args.ift_prediction}'. Valid values: {list(IFT_PREDICTIONS)}.")
+    if args.ift_lambda_schedule not in IFT_LAMBDA_SCHEDULES:
+        raise ValueError(
+            f"Unknown `ift_lambda_schedule` '{args.ift_lambda_schedule}'. Valid values: {list(IFT_LAMBDA_SCHEDULES)}."
+        )
+    if args.ift_lambda_min > args.ift_lambda:
+        raise ValueError(f"`ift_lambda_min` ({args.ift_lambda_min}) must be <= `ift_lambda` ({args.ift_lambda}).")
+    if args.ift_lambda_warmup_steps < 0:
+        raise ValueError(f"`ift_lambda_warmup_steps` must be >= 0, got {args.ift_lambda_warmup_steps}.")
+    if args.loss_type == "ift" and (args.packing or args.padding_free):
+        # Packed rows hold several sequences: a prediction would cross a boundary and the per-sequence reduction
+        # would mix sequences.
+        raise ValueError("`loss_type='ift'` does not support `packing=True` or `padding_free=True`; set both to False.")
     if args.label_smoothing_factor > 0:
         raise ValueError(f"`label_smoothing_factor` is not supported with `loss_type='{args.loss_type}'`; set it to 0.")
 
@@ -123,31 +178,110 @@ class SFTTrainer(trl.SFTTrainer):
         return self.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.loss_type != "kl_sft":
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.loss_type == "kl_sft":
+            return self._kl_sft_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.loss_type == "ift":
+            return self._ift_loss(model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def _kl_sft_loss(self, model, inputs, return_outputs, num_items_in_batch):
         with record_fused_outputs(self.accelerator.unwrap_model(model)) as fused_outputs:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         policy_token_logps, mask = fused_outputs[0].log_probs, fused_outputs[0].label_mask
         ref_token_logps = self._reference_token_logps(inputs)
         penalty = KL_PENALTIES[self.args.kl_penalty](policy_token_logps, ref_token_logps, mask)
-        # Like TRL's MoE aux loss: with `num_items_in_batch`, the Trainer leaves gradient accumulation to the loss,
-        # so a per-micro-batch mean is averaged over the accumulation steps here.
-        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        loss = loss + self.args.kl_coef * penalty.mean() / steps
-
-        mode = "train" if self.model.training else "eval"
-        with torch.no_grad():
-            metrics = {
-                "kl/penalty": penalty,
-                "kl/nll": -losses.sequence_mean(policy_token_logps, mask),
-                "logps/policy": losses.sequence_mean(policy_token_logps, mask),
-                "logps/ref": losses.sequence_mean(ref_token_logps, mask),
-            }
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value.detach()).mean().item())
+        loss = loss + self.args.kl_coef * penalty.mean() / self._accumulation_divisor(num_items_in_batch)
+        policy_logps = losses.sequence_mean(policy_token_logps, mask)
+        self._log_means({
+            "kl/penalty": penalty,
+            "kl/nll": -policy_logps,
+            "logps/policy": policy_logps,
+            "logps/ref": losses.sequence_mean(ref_token_logps, mask),
+        })
         return (loss, outputs) if return_outputs else loss
+
+    def _ift_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        labels = inputs["labels"]
+        # Completion positions other than a sequence's first token get a mixed input; their prediction comes from the
+        # previous position, which is then inside the same sequence (packing is refused).
+        mix_mask = labels != -100
+        mix_mask[:, 0] = False
+        ift_lambda = self.current_ift_lambda()
+        unwrapped = self.accelerator.unwrap_model(model)
+        embedding = unwrapped.get_input_embeddings()
+
+        with torch.no_grad():
+            predicted_embeds, teacher_forced_nll = self._ift_predictions(unwrapped, inputs, mix_mask)
+        token_embeds = embedding(inputs["input_ids"])
+        mixed_embeds = losses.ift_mix_embeddings(token_embeds, predicted_embeds, mix_mask, ift_lambda)
+        mixed_inputs = {key: value for key, value in inputs.items() if key != "input_ids"}
+        mixed_inputs["inputs_embeds"] = mixed_embeds
+
+        # TRL's forward on the mixed inputs gives the per-token log-probs and its own metrics; IFT replaces its loss.
+        with record_fused_outputs(unwrapped) as fused_outputs:
+            result = super().compute_loss(model, mixed_inputs, return_outputs, num_items_in_batch)
+        outputs = result[1] if return_outputs else None
+        token_nll, mask = -fused_outputs[0].log_probs, fused_outputs[0].label_mask
+        per_sequence = losses.ift_loss(token_nll, mask, self.args.ift_gamma, self.args.ift_detach_weights)
+        loss = per_sequence.mean() / self._accumulation_divisor(num_items_in_batch)
+        self._log_means({
+            "ift/lambda": torch.tensor([ift_lambda], device=mask.device),
+            "ift/nll_teacher_forced": teacher_forced_nll,
+            "ift/nll_mixed": losses.sequence_mean(token_nll, mask),
+        })
+        return (loss, outputs) if return_outputs else loss
+
+    def current_ift_lambda(self) -> float:
+        """IFT's mixing weight at the current optimizer step."""
+        args = self.args
+        if args.ift_lambda_schedule == "constant" or self.state.global_step >= args.ift_lambda_warmup_steps:
+            return args.ift_lambda
+        progress = self.state.global_step / args.ift_lambda_warmup_steps
+        return args.ift_lambda_min + (args.ift_lambda - args.ift_lambda_min) * progress
+
+    def _ift_predictions(self, unwrapped, inputs, mix_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """IFT's first pass: the predicted embedding for each masked position `(B, T, H)`, zero elsewhere, and the
+        teacher-forced per-sequence mean NLL `(B,)` of the labels.
+
+        Runs the backbone once and the LM head only on the positions that feed a prediction, in chunks, so no
+        `(B, T, vocab)` logits exist.
+        """
+        causal_lm = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
+        backbone_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            hidden = causal_lm.base_model(**backbone_inputs, use_cache=False).last_hidden_state
+        lm_head = causal_lm.get_output_embeddings()
+        embedding_matrix = unwrapped.get_input_embeddings().weight
+        source_hidden = hidden[:, :-1][mix_mask[:, 1:]]  # the position before each masked one
+        targets = inputs["input_ids"][mix_mask]
+        predicted, nll = [], []
+        for start in range(0, source_hidden.size(0), IFT_PREDICTION_CHUNK):
+            logits = lm_head(source_hidden[start : start + IFT_PREDICTION_CHUNK])
+            chunk_targets = targets[start : start + IFT_PREDICTION_CHUNK]
+            log_probs = logits.float().log_softmax(dim=-1)
+            nll.append(-log_probs.gather(1, chunk_targets.unsqueeze(1)).squeeze(1))
+            if self.args.ift_prediction == "greedy":
+                predicted.append(embedding_matrix[logits.argmax(dim=-1)])
+            else:
+                predicted.append(log_probs.exp().to(embedding_matrix.dtype) @ embedding_matrix)
+        predicted_embeds = hidden.new_zeros(*mix_mask.shape, embedding_matrix.size(1), dtype=embedding_matrix.dtype)
+        token_nll = hidden.new_zeros(mix_mask.shape, dtype=torch.float32)
+        if predicted:
+            predicted_embeds[mix_mask] = torch.cat(predicted)
+            token_nll[mix_mask] = torch.cat(nll)
+        return predicted_embeds, losses.sequence_mean(token_nll, mix_mask)
+
+    def _accumulation_divisor(self, num_items_in_batch) -> int:
+        # As for TRL's MoE aux loss: with `num_items_in_batch`, the Trainer leaves gradient accumulation to the loss,
+        # so a per-micro-batch mean is averaged over the accumulation steps here.
+        return self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+
+    def _log_means(self, values: dict[str, torch.Tensor]) -> None:
+        """Logs the mean of each per-sequence tensor over the batch and the processes."""
+        mode = "train" if self.model.training else "eval"
+        for key, value in values.items():
+            self._metrics[mode][key].append(self.accelerator.gather(value.detach().float()).mean().item())
 
     def _reference_token_logps(self, inputs) -> torch.Tensor:
         """`(B, T - 1)` log-probability of each label under the reference, 0 where the label is ignored."""
