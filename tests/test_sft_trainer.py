@@ -1,14 +1,19 @@
 """`trl_ext.SFTTrainer` against `trl.SFTTrainer` on a tiny random Llama (seconds on CPU)."""
 
+from pathlib import Path
+
 import pytest
+import torch
 import trl
+from datasets import load_dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from trl_ext import SFTConfig, SFTTrainer
 
 from .test_dpo_trainer import TIMING_KEYS, make_config
 
+ROOT = Path(__file__).resolve().parents[1]
 LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 KL_KEYS = {"kl/penalty", "kl/nll", "logps/policy", "logps/ref"}
 
@@ -150,3 +155,40 @@ def test_ift_with_lora(tiny_model_dir, preference_dataset, tmp_path):
 def test_bad_ift_config_is_refused(tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
         make_config(SFTConfig, tmp_path, **config)
+
+
+@pytest.mark.parametrize("loss_type", ["kl_sft", "ift"])
+def test_4bit_lora(tiny_model_dir, preference_dataset, tmp_path, loss_type):
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    trainer = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path,
+                    {"peft_config": LORA, "quantization_config": quantization},
+                    loss_type=loss_type, learning_rate=1e-2, max_steps=4)
+    assert trainer.model.base_model.model.model.layers[0].mlp.up_proj.weight.__class__.__name__ == "Params4bit"
+    logs = step_logs(trainer)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["kl_sft", "ift"])
+def test_lora_on_embedded_model(tmp_path, loss_type):
+    """SmolLM2 ties its input and output embeddings; IFT reads both."""
+    dataset = load_dataset("json", data_files=str(ROOT / "recipes/data/penn_pairs_sample.jsonl"), split="train")
+    trainer = train(SFTTrainer, SFTConfig, "embedded:smollm2-135m-instruct", dataset, tmp_path,
+                    {"peft_config": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])},
+                    loss_type=loss_type, per_device_train_batch_size=8, max_length=64, learning_rate=1e-3,
+                    max_steps=3)
+    assert trainer.model.get_input_embeddings().weight is trainer.model.get_output_embeddings().weight
+    logs = step_logs(trainer)
+    assert len(logs) == 3
+    if loss_type == "kl_sft":
+        assert logs[0]["kl/penalty"] == pytest.approx(0.0, abs=1e-8)
+        assert logs[0]["loss"] == pytest.approx(logs[0]["kl/nll"], rel=1e-5)
+        assert logs[-1]["kl/penalty"] > 0
+        nll = logs[0]["kl/nll"]
+    else:
+        assert logs[0]["ift/lambda"] == pytest.approx(0.2)
+        nll = logs[0]["ift/nll_teacher_forced"]
+    # A pretrained model knows English: far below the uniform log(49152) = 10.8 nats per token
+    assert 1.0 < nll < 5.0
+    assert logs[-1]["loss"] < logs[0]["loss"]

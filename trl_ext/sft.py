@@ -192,13 +192,16 @@ class SFTTrainer(trl.SFTTrainer):
         ref_token_logps = self._reference_token_logps(inputs)
         penalty = KL_PENALTIES[self.args.kl_penalty](policy_token_logps, ref_token_logps, mask)
         loss = loss + self.args.kl_coef * penalty.mean() / self._accumulation_divisor(num_items_in_batch)
-        policy_logps = losses.sequence_mean(policy_token_logps, mask)
         self._log_means({
             "kl/penalty": penalty,
-            "kl/nll": -policy_logps,
-            "logps/policy": policy_logps,
+            "logps/policy": losses.sequence_mean(policy_token_logps, mask),
             "logps/ref": losses.sequence_mean(ref_token_logps, mask),
         })
+        # The NLL term as TRL reduces it: a mean over every target token of the batch, on all processes
+        mode = "train" if self.model.training else "eval"
+        nll_sum = self.accelerator.gather(-(policy_token_logps.detach() * mask).sum()).sum()
+        num_tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
+        self._metrics[mode]["kl/nll"].append((nll_sum / num_tokens).item())
         return (loss, outputs) if return_outputs else loss
 
     def _ift_loss(self, model, inputs, return_outputs, num_items_in_batch):
