@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import trl
 from datasets import Dataset, IterableDataset
-from trl.trainer.utils import FusedCausalLMOutput, get_config_model_id
+from trl.trainer.utils import FusedCausalLMOutput
 
 from ._fused import record_fused_outputs
 from .dpo_losses import (
@@ -13,7 +13,7 @@ from .dpo_losses import (
     compute_registered_loss,
     registered_dpo_losses,
 )
-from .embedded import resolve_model_name
+from .embedded import resolve_model_and_args
 
 
 @dataclass
@@ -89,11 +89,7 @@ class DPOTrainer(trl.DPOTrainer):
     _tag_names = ["trl", "trl-ext", "dpo"]
 
     def __init__(self, model, ref_model=None, args=None, *trainer_args, **trainer_kwargs):
-        if isinstance(model, str):
-            model = resolve_model_name(model)
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = DPOConfig(f"{model_name.split('/')[-1]}-DPO")
+        model, args = resolve_model_and_args(model, args, DPOConfig, "DPO")
         validate_loss_config(args)
         super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
+from trl.trainer.utils import get_config_model_id
 
 EMBEDDED_PREFIX = "embedded:"
 CACHE_ENV_VAR = "TRL_EXT_CACHE"
@@ -107,3 +108,13 @@ def _convert_gguf(gguf_path: Path, output_dir: Path) -> None:
     model.generation_config = quantized.generation_config
     model.save_pretrained(output_dir)
     AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(output_dir)
+
+
+def resolve_model_and_args(model, args, config_cls, suffix: str):
+    """Resolves an embedded `model` name and, like TRL's trainers, defaults `args` to `config_cls("<model>-<suffix>")`."""
+    if isinstance(model, str):
+        model = resolve_model_name(model)
+    if args is None:
+        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+        args = config_cls(f"{model_name.split('/')[-1]}-{suffix}")
+    return model, args

@@ -9,11 +9,11 @@ from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from trl.experimental.utils import create_reference_model
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import add_fused_lm_head, get_config_model_id, use_adapter
+from trl.trainer.utils import add_fused_lm_head, use_adapter
 
 from . import losses
 from ._fused import record_fused_outputs
-from .embedded import resolve_model_name
+from .embedded import resolve_model_and_args
 
 TRL_SFT_LOSS_TYPES = ("nll", "dft")
 SFT_LOSS_TYPES = TRL_SFT_LOSS_TYPES + ("kl_sft", "ift")
@@ -150,11 +150,7 @@ class SFTTrainer(trl.SFTTrainer):
         self, model, args=None, data_collator=None, train_dataset=None, eval_dataset=None, *trainer_args,
         ref_model=None, **trainer_kwargs,
     ):
-        if isinstance(model, str):
-            model = resolve_model_name(model)
-        if args is None:
-            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = SFTConfig(f"{model_name.split('/')[-1]}-SFT")
+        model, args = resolve_model_and_args(model, args, SFTConfig, "SFT")
         validate_sft_config(args)
         # Mapped before TRL sees them: TRL picks `completion_only_loss` from the raw columns.
         train_dataset = _chosen_as_completion(train_dataset)
