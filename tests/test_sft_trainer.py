@@ -192,3 +192,38 @@ def test_lora_on_embedded_model(tmp_path, loss_type):
     # A pretrained model knows English: far below the uniform log(49152) = 10.8 nats per token
     assert 1.0 < nll < 5.0
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+@pytest.mark.parametrize("kl_penalty", ["sq_logratio", "token_kl"])
+@pytest.mark.parametrize("peft", [False, True], ids=["frozen_copy", "peft"])
+def test_kl_sft_precomputed_reference_matches_on_the_fly(tiny_model_dir, preference_dataset, tmp_path, kl_penalty,
+                                                         peft):
+    trainer_kwargs = {"peft_config": LORA} if peft else {}
+    common = dict(loss_type="kl_sft", kl_penalty=kl_penalty, kl_coef=1.0, learning_rate=1e-2, max_steps=4)
+    on_the_fly = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "fly", trainer_kwargs,
+                       **common)
+    precomputed = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "pre", trainer_kwargs,
+                        precompute_ref_log_probs=True, **common)
+    assert precomputed.ref_model is None
+    for fly, pre in zip(step_logs(on_the_fly), step_logs(precomputed), strict=True):
+        for key in ("loss", "kl/penalty", "logps/ref", "logps/policy"):
+            assert pre[key] == pytest.approx(fly[key], rel=1e-4, abs=1e-6), key
+
+
+def test_precompute_with_ift_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"`precompute_ref_log_probs=True` is for `loss_type='kl_sft'`"):
+        make_config(SFTConfig, tmp_path, loss_type="ift", precompute_ref_log_probs=True)
+
+
+def test_kl_sft_precomputed_reference_in_evaluation(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = SFTTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         eval_dataset=preference_dataset.select(range(8)),
+                         args=make_config(SFTConfig, tmp_path, loss_type="kl_sft", precompute_ref_log_probs=True,
+                                          learning_rate=1e-2, max_steps=4))
+    before = trainer.evaluate()
+    assert before["eval_kl/penalty"] == pytest.approx(0.0, abs=1e-8)
+    assert before["eval_logps/ref"] == pytest.approx(before["eval_logps/policy"], abs=1e-5)
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_kl/penalty"] > 0
+    assert after["eval_logps/ref"] == pytest.approx(before["eval_logps/ref"], abs=1e-5)  # stored, not recomputed

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 import trl
-from accelerate.utils import is_peft_model
+from accelerate.utils import is_peft_model, tqdm
 from datasets import Dataset, IterableDataset
 from trl.experimental.utils import create_reference_model
 from trl.models.utils import disable_gradient_checkpointing
@@ -45,6 +45,10 @@ class SFTConfig(trl.SFTConfig):
             `"sq_logratio"`: squared difference of the per-token averaged completion log-probs of policy and
             reference (the Penn experiment's; penalises drift both ways). `"token_kl"`: per-token reverse-KL
             estimate `k3 = exp(r) - r - 1`, `r = logp_ref - logp_policy`, on the target tokens.
+        precompute_ref_log_probs (`bool`, *optional*, defaults to `False`):
+            For `kl_sft`: compute the reference's per-token log-probs of the train and eval datasets once, at
+            construction, and drop the reference copy, so no reference model is held or run during training. Needs
+            map-style datasets without packing or padding-free batches.
         ift_lambda (`float`, *optional*, defaults to `0.2`):
             Weight of the predicted embedding in IFT's mixed inputs, in [0, 1] (the target of the linear schedule).
         ift_gamma (`float`, *optional*, defaults to `0.95`):
@@ -68,6 +72,10 @@ class SFTConfig(trl.SFTConfig):
     kl_penalty: str = field(
         default="sq_logratio",
         metadata={"help": "KL-SFT penalty.", "choices": list(KL_PENALTIES)},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata={"help": "Compute the KL-SFT reference's log-probs once before training; no reference runs after."},
     )
 
     ift_lambda: float = field(default=0.2, metadata={"help": "IFT mixing weight of the prediction, in [0, 1]."})
@@ -112,6 +120,12 @@ def validate_sft_config(args: trl.SFTConfig) -> None:
         raise ValueError(f"`ift_lambda_min` ({args.ift_lambda_min}) must be <= `ift_lambda` ({args.ift_lambda}).")
     if args.ift_lambda_warmup_steps < 0:
         raise ValueError(f"`ift_lambda_warmup_steps` must be >= 0, got {args.ift_lambda_warmup_steps}.")
+    if args.precompute_ref_log_probs and args.loss_type != "kl_sft":
+        raise ValueError(
+            f"`precompute_ref_log_probs=True` is for `loss_type='kl_sft'`; `{args.loss_type}` has no reference model."
+        )
+    if args.precompute_ref_log_probs and (args.packing or args.padding_free):
+        raise ValueError("`precompute_ref_log_probs=True` does not support `packing` or `padding_free`.")
     if args.loss_type == "ift" and (args.packing or args.padding_free):
         # Packed rows hold several sequences: a prediction would cross a boundary and the per-sequence reduction
         # would mix sequences.
@@ -161,6 +175,35 @@ class SFTTrainer(trl.SFTTrainer):
         with _as_trl_loss_type(args):
             super().__init__(model, args, data_collator, train_dataset, eval_dataset, *trainer_args, **trainer_kwargs)
         self.ref_model = self._build_reference(ref_model) if args.loss_type == "kl_sft" else None
+        if args.precompute_ref_log_probs:
+            self.train_dataset = self._with_reference_logps(self.train_dataset)
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {name: self._with_reference_logps(d) for name, d in self.eval_dataset.items()}
+            elif self.eval_dataset is not None:
+                self.eval_dataset = self._with_reference_logps(self.eval_dataset)
+            self.data_collator = _PadReferenceLogps(self.data_collator)
+            self.ref_model = None  # not needed any more: free it
+
+    def _with_reference_logps(self, dataset: Dataset) -> Dataset:
+        """Adds a `ref_token_logps` column: each example's reference log-probs, aligned with its shifted labels."""
+        if not isinstance(dataset, Dataset):
+            raise ValueError("`precompute_ref_log_probs=True` needs map-style datasets, not an `IterableDataset`.")
+        inputs_only = dataset.select_columns([name for name in ("input_ids", "labels") if name in dataset.column_names])
+        loader = torch.utils.data.DataLoader(
+            inputs_only, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.data_collator
+        )
+        rows = []
+        for batch in tqdm(loader, desc="Computing reference log-probs", disable=not self.is_local_process_zero()):
+            batch = self._prepare_inputs(batch)
+            token_logps = self._reference_token_logps(batch).cpu()
+            lengths = batch["attention_mask"].sum(dim=1).tolist()
+            rows += [row[: length - 1].tolist() for row, length in zip(token_logps, lengths, strict=True)]
+        return dataset.add_column("ref_token_logps", rows)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.precompute_ref_log_probs and "ref_token_logps" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "ref_token_logps"]
 
     def _build_reference(self, ref_model):
         """The frozen reference of `kl_sft`: `ref_model`, else `None` for the adapter-disabled PEFT model, else a copy."""
@@ -181,11 +224,13 @@ class SFTTrainer(trl.SFTTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _kl_sft_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        inputs = dict(inputs)
+        precomputed = inputs.pop("ref_token_logps", None)
         with record_fused_outputs(self.accelerator.unwrap_model(model)) as fused_outputs:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         policy_token_logps, mask = fused_outputs[0].log_probs, fused_outputs[0].label_mask
-        ref_token_logps = self._reference_token_logps(inputs)
+        ref_token_logps = precomputed if precomputed is not None else self._reference_token_logps(inputs)
         penalty = KL_PENALTIES[self.args.kl_penalty](policy_token_logps, ref_token_logps, mask)
         loss = loss + self.args.kl_coef * penalty.mean() / self._accumulation_divisor(num_items_in_batch)
         self._log_means({
@@ -284,6 +329,11 @@ class SFTTrainer(trl.SFTTrainer):
 
     def _reference_token_logps(self, inputs) -> torch.Tensor:
         """`(B, T - 1)` log-probability of each label under the reference, 0 where the label is ignored."""
+        if self.args.precompute_ref_log_probs and self.ref_model is None and not is_peft_model(self.model):
+            raise ValueError(
+                "This batch has no precomputed reference log-probs and the reference copy was freed after the "
+                "precompute: pass evaluation data as `eval_dataset` when creating the trainer."
+            )
         model_inputs = {**inputs, "use_cache": False, "fused_lm_head": True}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is not None:
@@ -292,6 +342,22 @@ class SFTTrainer(trl.SFTTrainer):
             # A new adapter disabled is the base model; an adapter loaded for re-training keeps a copy named "ref".
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                 return self.model(**model_inputs).log_probs
+
+
+class _PadReferenceLogps:
+    """Wraps a collator to pad each example's `ref_token_logps` to the batch's `(B, T - 1)` shifted labels."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        ref_rows = [torch.tensor(example.pop("ref_token_logps")) for example in examples]
+        batch = self.collator(examples)
+        padded = torch.zeros(len(ref_rows), batch["input_ids"].size(1) - 1)
+        for row, values in zip(padded, ref_rows, strict=True):
+            row[: len(values)] = values  # TRL's collator pads on the right
+        batch["ref_token_logps"] = padded
+        return batch
 
 
 def _chosen_as_completion(dataset):
