@@ -227,3 +227,15 @@ def test_kl_sft_precomputed_reference_in_evaluation(tiny_model_dir, preference_d
     after = trainer.evaluate()
     assert after["eval_kl/penalty"] > 0
     assert after["eval_logps/ref"] == pytest.approx(before["eval_logps/ref"], abs=1e-5)  # stored, not recomputed
+
+
+@pytest.mark.parametrize("loss_type", ["kl_sft", "ift"])
+def test_gradient_accumulation_matches_full_batch(tiny_model_dir, preference_dataset, tmp_path, loss_type):
+    common = dict(loss_type=loss_type, kl_coef=1.0, learning_rate=1e-2, max_steps=3)
+    full = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "full",
+                 per_device_train_batch_size=8, **common)
+    accumulated = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "accumulated",
+                        per_device_train_batch_size=4, gradient_accumulation_steps=2, **common)
+    for full_entry, accumulated_entry in zip(step_logs(full), step_logs(accumulated), strict=True):
+        assert accumulated_entry["loss"] == pytest.approx(full_entry["loss"], rel=1e-4)
+        assert accumulated_entry["grad_norm"] == pytest.approx(full_entry["grad_norm"], rel=1e-3)
