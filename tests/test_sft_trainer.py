@@ -239,3 +239,11 @@ def test_gradient_accumulation_matches_full_batch(tiny_model_dir, preference_dat
     for full_entry, accumulated_entry in zip(step_logs(full), step_logs(accumulated), strict=True):
         assert accumulated_entry["loss"] == pytest.approx(full_entry["loss"], rel=1e-4)
         assert accumulated_entry["grad_norm"] == pytest.approx(full_entry["grad_norm"], rel=1e-3)
+
+
+def test_precomputed_full_fine_tuning_refuses_new_eval_data_after_training(tiny_model_dir, preference_dataset,
+                                                                           tmp_path):
+    trainer = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path,
+                    loss_type="kl_sft", precompute_ref_log_probs=True, max_steps=1)
+    with pytest.raises(ValueError, match="no reference model is left"):
+        trainer.evaluate(preference_dataset)  # a preference dataset, mapped to `chosen` as in the constructor

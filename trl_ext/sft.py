@@ -176,6 +176,7 @@ class SFTTrainer(trl.SFTTrainer):
             super().__init__(model, args, data_collator, train_dataset, eval_dataset, *trainer_args, **trainer_kwargs)
         self.ref_model = self._build_reference(ref_model) if args.loss_type == "kl_sft" else None
         if args.precompute_ref_log_probs:
+            # Every process computes the whole dataset (no gather of variable-length rows), once, before training.
             self.train_dataset = self._with_reference_logps(self.train_dataset)
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {name: self._with_reference_logps(d) for name, d in self.eval_dataset.items()}
@@ -200,14 +201,20 @@ class SFTTrainer(trl.SFTTrainer):
             rows += [row[: length - 1].tolist() for row, length in zip(token_logps, lengths, strict=True)]
         return dataset.add_column("ref_token_logps", rows)
 
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        # Also reached by `evaluate(dataset)`, after construction
+        dataset = _chosen_as_completion(dataset)
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if self.args.precompute_ref_log_probs and "ref_token_logps" not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, "ref_token_logps"]
 
     def _build_reference(self, ref_model):
-        """The frozen reference of `kl_sft`: `ref_model`, else `None` for the adapter-disabled PEFT model, else a copy."""
-        if ref_model is None and is_peft_model(self.model):
+        """The frozen reference of `kl_sft`: `ref_model`, else a frozen copy of the policy, else `None` when the policy
+        itself serves: with its PEFT adapter disabled, or untrained while reference log-probs are precomputed."""
+        if ref_model is None and (is_peft_model(self.model) or self.args.precompute_ref_log_probs):
             return None
         if ref_model is None:
             ref_model = create_reference_model(self.model)  # a frozen copy, fused head included
@@ -329,15 +336,19 @@ class SFTTrainer(trl.SFTTrainer):
 
     def _reference_token_logps(self, inputs) -> torch.Tensor:
         """`(B, T - 1)` log-probability of each label under the reference, 0 where the label is ignored."""
-        if self.args.precompute_ref_log_probs and self.ref_model is None and not is_peft_model(self.model):
+        policy_is_reference = self.ref_model is None and not is_peft_model(self.model)
+        if policy_is_reference and self.state.global_step > 0:
             raise ValueError(
-                "This batch has no precomputed reference log-probs and the reference copy was freed after the "
-                "precompute: pass evaluation data as `eval_dataset` when creating the trainer."
+                "This batch has no precomputed reference log-probs, and after training has started no reference model "
+                "is left (`precompute_ref_log_probs=True`, full fine-tuning): pass evaluation data as `eval_dataset` "
+                "when creating the trainer, or pass a `ref_model`."
             )
         model_inputs = {**inputs, "use_cache": False, "fused_lm_head": True}
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             if self.ref_model is not None:
                 return self.ref_model(**model_inputs).log_probs
+            if policy_is_reference:  # before the first step, the untrained policy is the reference
+                return self.model(**model_inputs).log_probs
             unwrapped = self.accelerator.unwrap_model(self.model)
             # A new adapter disabled is the base model; an adapter loaded for re-training keeps a copy named "ref".
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
@@ -351,6 +362,8 @@ class _PadReferenceLogps:
         self.collator = collator
 
     def __call__(self, examples):
+        if "ref_token_logps" not in examples[0]:  # data prepared after construction, e.g. passed to `evaluate`
+            return self.collator(examples)
         ref_rows = [torch.tensor(example.pop("ref_token_logps")) for example in examples]
         batch = self.collator(examples)
         padded = torch.zeros(len(ref_rows), batch["input_ids"].size(1) - 1)

@@ -1,0 +1,316 @@
+"""Step time and peak memory of every trl_ext loss against its TRL baseline, as ratios measured in one run.
+
+```bash
+python benchmarks/run.py --smoke                                # tiny model, seq 128: under a minute
+python benchmarks/run.py --models embedded --seq_lens 512       # the published target setting
+python benchmarks/run.py                                        # tiny + embedded, seq 128 / 512 / 1024
+```
+
+For each configuration (family x model x sequence length x reference setup):
+- **step time**: one process builds every contender and steps them in alternation, rotating the order each round;
+  the median optimizer-step time (forward, backward, optimizer step) after the warm-up rounds;
+- **peak memory**: one fresh process per contender; CPU: the process's peak RSS, GPU:
+  `torch.cuda.max_memory_allocated`.
+Ratios divide by the TRL baseline of the same configuration (`trl sigmoid` for the DPO family, `trl nll` for SFT);
+the `A/A` rows measure that baseline a second time, so their distance from 1 is the run's noise floor.
+Writes `results.json` and `results.md` to `--output_dir` and prints the table.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# (library, config overrides) per contender; the first of each family is the baseline. The "A/A" contender is the
+# baseline built and measured a second time: its ratio is the noise floor of the run.
+CONTENDERS = {
+    "dpo": {
+        "trl sigmoid": ("trl", {"loss_type": "sigmoid"}),
+        "trl sigmoid A/A": ("trl", {"loss_type": "sigmoid"}),
+        "trl_ext sigmoid": ("trl_ext", {"loss_type": "sigmoid"}),
+        "dpop": ("trl_ext", {"loss_type": "dpop"}),
+        "dpop_norm": ("trl_ext", {"loss_type": "dpop_norm"}),
+    },
+    "sft": {
+        "trl nll": ("trl", {"loss_type": "nll"}),
+        "trl nll A/A": ("trl", {"loss_type": "nll"}),
+        "kl_sft": ("trl_ext", {"loss_type": "kl_sft"}),
+        "kl_sft precomputed": ("trl_ext", {"loss_type": "kl_sft", "precompute_ref_log_probs": True}),
+        "ift greedy": ("trl_ext", {"loss_type": "ift", "ift_prediction": "greedy"}),
+        "ift soft": ("trl_ext", {"loss_type": "ift", "ift_prediction": "soft"}),
+    },
+}
+# Reference setups: `peft` = LoRA, reference = adapter disabled; `ref_model` = full fine-tuning against a frozen
+# copy; `precomputed` = LoRA with reference log-probs computed before training.
+SETUPS = {"dpo": ("peft", "ref_model", "precomputed"), "sft": ("peft",)}
+# Targets at the embedded model, LoRA (`peft`), sequence length 512: (step-time ratio, peak-memory ratio).
+TARGETS = {
+    "trl_ext sigmoid": (1.01, 1.01),
+    "dpop": (1.03, 1.02),
+    "dpop_norm": (1.03, 1.02),
+    "kl_sft": (1.45, 1.15),
+    "kl_sft precomputed": (1.08, 1.05),
+    "ift greedy": (1.45, 1.30),
+    "ift soft": (1.60, 1.40),
+}
+WORDS = ("the students walked across campus toward the old library while the river ran quietly under bridges "
+         "and autumn leaves covered every path near the museum").split()
+
+
+def synthetic_rows(num_rows: int, seq_len: int) -> dict[str, list[str]]:
+    """Prompts of about a quarter of `seq_len` words and completions longer than the rest (cut by `max_length`)."""
+    def text(offset: int, num_words: int) -> str:
+        return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(num_words))
+
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(num_rows):
+        rows["prompt"].append(text(i, seq_len // 4))
+        rows["chosen"].append(" " + text(i + 3, seq_len))
+        rows["rejected"].append(" " + text(i + 7, seq_len))
+    return rows
+
+
+def model_path(model: str, cache: Path) -> str:
+    if model == "embedded":
+        return "embedded:smollm2-135m-instruct"
+    from trl_ext.testing import build_tiny_llama
+
+    path = cache / "tiny-llama"
+    if not (path / "config.json").exists():
+        build_tiny_llama(path, [" ".join(WORDS)])
+    return str(path)
+
+
+def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: str, args):
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    import trl_ext
+
+    library, overrides = CONTENDERS[family][contender]
+    module = trl if library == "trl" else trl_ext
+    trainer_cls, config_cls = (
+        (module.DPOTrainer, module.DPOConfig) if family == "dpo" else (module.SFTTrainer, module.SFTConfig)
+    )
+    batch_size = args.dpo_batch_size if family == "dpo" else args.sft_batch_size
+    rows = synthetic_rows(batch_size * args.batches, seq_len)
+    if family == "sft":
+        rows = {"prompt": rows["prompt"], "completion": rows["chosen"]}
+    config = config_cls(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=batch_size,
+        max_length=seq_len,
+        learning_rate=1e-5,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        **({"precompute_ref_log_probs": True} if setup == "precomputed" else {}),
+        **overrides,
+    )
+    peft_config = None
+    if setup != "ref_model":
+        peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    return trainer_cls(
+        model=trl_ext.resolve_model_name(model_path(model, Path(args.cache))),
+        args=config,
+        train_dataset=Dataset.from_dict(rows),
+        peft_config=peft_config,
+    )
+
+
+def make_step(trainer):
+    """One optimizer step per call, cycling through the trainer's own prepared batches."""
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`, which this loop replaces
+    batches = list(trainer.get_train_dataloader())
+    calls = iter(range(10**9))
+
+    def step():
+        trainer.training_step(trainer.model, batches[next(calls) % len(batches)])
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+
+    return step
+
+
+def synchronize():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_worker(family, model, seq_len, setup, args) -> dict:
+    steps = {name: make_step(build_trainer(family, name, model, seq_len, setup, args)) for name in CONTENDERS[family]}
+    names = list(steps)
+    times = {name: [] for name in names}
+    for round_index in range(args.warmup + args.steps):
+        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        for name in order:
+            synchronize()
+            start = time.perf_counter()
+            steps[name]()
+            synchronize()
+            if round_index >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def memory_worker(family, contender, model, seq_len, setup, args) -> float:
+    import torch
+
+    step = make_step(build_trainer(family, contender, model, seq_len, setup, args))
+    for _ in range(args.warmup + args.steps):
+        step()
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_worker(argv: list[str]) -> object:
+    command = [sys.executable, __file__, *argv]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+        device = names[0] if names else platform.processor() or "CPU"
+    return {
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+
+
+def markdown(results: list[dict], info: dict, args) -> str:
+    lines = [
+        f"Device: {info['device']} ({info['cpu_count']} CPUs), torch {info['torch']}, transformers "
+        f"{info['transformers']}, trl {info['trl']}. Batch: {args.dpo_batch_size} pairs (DPO), {args.sft_batch_size} "
+        f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; median of "
+        f"{args.steps} steps after {args.warmup} warm-up.",
+        "",
+        "| family | model | seq | setup | contender | step s | step ratio | peak MiB | memory ratio | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in results:
+        lines.append(
+            f"| {row['family']} | {row['model']} | {row['seq_len']} | {row['setup']} | {row['contender']} | "
+            f"{row['step_s']:.3f} | {row['step_ratio']:.3f} | {row['peak_mib']:.0f} | {row['memory_ratio']:.3f} | "
+            f"{row['target']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def target_verdict(row: dict) -> str:
+    target = TARGETS.get(row["contender"])
+    if target is None or (row["model"], row["seq_len"], row["setup"]) != ("embedded", 512, "peft"):
+        return ""
+    met = row["step_ratio"] <= target[0] and row["memory_ratio"] <= target[1]
+    return f"{'met' if met else 'missed'} (<= {target[0]}, <= {target[1]})"
+
+
+def main(args) -> list[dict]:
+    common = [f"--{key}={value}" for key, value in vars(args).items()
+              if key in ("cache", "warmup", "steps", "batches", "dpo_batch_size", "sft_batch_size")]
+    common += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--bf16"] * args.bf16
+    results = []
+    for family in args.families:
+        for model in args.models:
+            for seq_len in args.seq_lens:
+                for setup in SETUPS[family]:
+                    if setup not in args.setups:
+                        continue
+                    where = [f"--family={family}", f"--model={model}", f"--seq_len={seq_len}", f"--setup={setup}"]
+                    print(f"measuring {family} {model} seq {seq_len} {setup}", file=sys.stderr, flush=True)
+                    step_times = run_worker(["--worker=time", *where, *common])
+                    with ThreadPoolExecutor(args.memory_jobs) as pool:
+                        peaks = dict(zip(CONTENDERS[family], pool.map(
+                            lambda name: run_worker(["--worker=memory", f"--contender={name}", *where, *common]),
+                            CONTENDERS[family],
+                        )))
+                    baseline = next(iter(CONTENDERS[family]))
+                    for name in CONTENDERS[family]:
+                        row = {
+                            "family": family, "model": model, "seq_len": seq_len, "setup": setup, "contender": name,
+                            "step_s": step_times[name], "step_ratio": step_times[name] / step_times[baseline],
+                            "peak_mib": peaks[name], "memory_ratio": peaks[name] / peaks[baseline],
+                        }
+                        row["target"] = target_verdict(row)
+                        results.append(row)
+    info = machine()
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown(results, info, args)
+    (output_dir / "results.md").write_text(table)
+    (output_dir / "results.json").write_text(json.dumps(
+        {"machine": info, "settings": vars(args), "results": results}, indent=2
+    ))
+    print(table)
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    parser.add_argument("--models", nargs="+", default=["tiny", "embedded"], choices=["tiny", "embedded"])
+    parser.add_argument("--seq_lens", nargs="+", type=int, default=[128, 512, 1024])
+    parser.add_argument("--setups", nargs="+", default=["peft", "ref_model", "precomputed"],
+                        choices=["peft", "ref_model", "precomputed"])
+    parser.add_argument("--warmup", type=int, default=2, help="rounds not timed")
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds")
+    parser.add_argument("--batches", type=int, default=2, help="distinct batches per contender, cycled")
+    parser.add_argument("--dpo_batch_size", type=int, default=2)
+    parser.add_argument("--sft_batch_size", type=int, default=4)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--memory_jobs", type=int, default=2, help="memory processes at once (RSS is per process)")
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "trl_ext_benchmarks"))
+    parser.add_argument("--output_dir", default="benchmarks/results")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, seq 128, LoRA only, few steps")
+    parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--family", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--seq_len", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--setup", help=argparse.SUPPRESS)
+    parser.add_argument("--contender", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.seq_lens, args.setups, args.warmup, args.steps = ["tiny"], [128], ["peft"], 1, 2
+    return args
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.worker == "time":
+        print(json.dumps(time_worker(args.family, args.model, args.seq_len, args.setup, args)))
+    elif args.worker == "memory":
+        print(json.dumps(memory_worker(args.family, args.contender, args.model, args.seq_len, args.setup, args)))
+    else:
+        main(args)

@@ -1,0 +1,420 @@
+"""The Penn experiment: train SFT, KL-SFT, DPO, DPOP and IFT (and TRL's stock DPO) from the same base model on the
+same Penn preference data and budget, then compare how often their completions mention the University of
+Pennsylvania and how fluent and varied they stay.
+
+```bash
+python recipes/penn_experiment.py                       # every method, embedded SmolLM2-135M, LoRA, CPU
+python recipes/penn_experiment.py --quick               # a few steps on a small subset (smoke test)
+python recipes/penn_experiment.py --config recipes/configs/penn_gpt2.yaml   # the seed's GPT-2 setup (GPU)
+python recipes/penn_experiment.py --methods sft dpop --output_dir outputs/penn-small
+```
+
+Outputs in `--output_dir`: `report.md`, `results.json`, PNG plots, and each method's model or adapter. Every method's
+results are saved as soon as it finishes; a rerun skips the methods whose results exist (`--overwrite` redoes them).
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import trl
+import transformers
+from datasets import DatasetDict
+from peft import LoraConfig
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import TrlParser
+
+import trl_ext
+from trl_ext.data import load_dataset_any
+from trl_ext.text_metrics import (
+    PENN_PATTERN,
+    alignment_accuracy,
+    distinct_n,
+    mean_length,
+    mean_repeated_ngram_share,
+)
+
+METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")
+DPO_FAMILY = ("dpo", "dpop", "trl_dpo")
+DEFAULT_DATA = str(Path(__file__).parent / "data" / "penn")
+METRICS = ("alignment_accuracy", "repetition_3gram", "distinct_2", "fluency_nll", "mean_length_words")
+
+
+@dataclass
+class PennArguments:
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {METHODS}."})
+    model_name_or_path: str = field(default="embedded:smollm2-135m-instruct")
+    dataset_name: str = field(
+        default=DEFAULT_DATA,
+        metadata={"help": "A directory of train/test JSON(L) files, a JSON/JSONL file, or a hub dataset, with "
+                          "`prompt`, `chosen`, `rejected` columns."},
+    )
+    dataset_test_split: str = field(default="test")
+    test_size: int = field(default=125, metadata={"help": "Prompts held out when the dataset has no test split."})
+    output_dir: str = field(default="outputs/penn")
+    overwrite: bool = field(default=False, metadata={"help": "Redo methods whose results already exist."})
+    quick: bool = field(default=False, metadata={"help": "Small subset, a few steps: a smoke test."})
+    seed: int = field(default=0)
+    # Training budget, the same for every method
+    max_steps: int = field(default=40, metadata={"help": "Optimizer steps per method; <= 0 uses num_train_epochs."})
+    num_train_epochs: float = field(default=3.0)
+    per_device_train_batch_size: int = field(default=8)
+    learning_rate: float = field(default=5e-4)
+    lr_scheduler_type: str = field(default="cosine")
+    max_length: int = field(default=64, metadata={"help": "Tokens per prompt + completion."})
+    full_finetune: bool = field(default=False, metadata={"help": "Train all weights instead of a LoRA adapter."})
+    lora_r: int = field(default=16)
+    lora_alpha: int = field(default=32)
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # Losses (the seed: beta 0.1, DPOP lambda 5, per-token averaged log-probs for DPO and DPOP)
+    beta: float = field(default=0.1)
+    dpo_loss_type: str = field(default="sigmoid_norm", metadata={"help": "trl_ext DPO loss of `dpo`."})
+    dpop_loss_type: str = field(default="dpop_norm", metadata={"help": "`dpop` (summed) or `dpop_norm` (averaged)."})
+    dpop_lambda: float = field(default=5.0)
+    kl_coef: float = field(default=0.1)
+    kl_penalty: str = field(default="sq_logratio")
+    ift_lambda: float = field(default=0.2)
+    ift_gamma: float = field(default=0.95)
+    # Evaluation
+    target_pattern: str = field(default=PENN_PATTERN, metadata={"help": "Regex counted by alignment accuracy."})
+    max_new_tokens: int = field(default=24)
+    decoding: str = field(default="sample", metadata={"help": "`sample` (seeded) or `greedy`."})
+    temperature: float = field(default=0.7)
+    top_p: float = field(default=0.9)
+    generation_batch_size: int = field(default=32)
+    num_samples_in_report: int = field(default=3)
+    # Optional pairwise judge: an OpenAI-compatible chat endpoint
+    judge_base_url: str | None = field(default=None, metadata={"help": "e.g. https://api.openai.com/v1; off if unset"})
+    judge_model: str = field(default="gpt-4o")
+    judge_api_key_env: str = field(default="OPENAI_API_KEY")
+    judge_pairs: list[str] = field(default_factory=lambda: ["dpop:trl_dpo", "sft:dpop"])
+
+    def __post_init__(self):
+        unknown = [method for method in self.methods if method not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown `methods` {unknown}. Valid values: {list(METHODS)}.")
+        if self.decoding not in ("sample", "greedy"):
+            raise ValueError(f"`decoding` must be 'sample' or 'greedy', got '{self.decoding}'.")
+        for pair in self.judge_pairs:
+            if len(pair.split(":")) != 2 or any(side not in METHODS for side in pair.split(":")):
+                raise ValueError(f"`judge_pairs` entries look like 'dpop:trl_dpo' with methods of {list(METHODS)}.")
+        re.compile(self.target_pattern)
+
+
+def load_splits(args: PennArguments) -> DatasetDict:
+    path = Path(args.dataset_name)
+    if path.is_dir():
+        files = {split: str(file) for split in ("train", "test") for file in path.glob(f"{split}.json*")}
+        dataset = load_dataset_any(files["train"])
+        if "test" in files:
+            dataset["test"] = load_dataset_any(files["test"])["train"]
+    else:
+        dataset = load_dataset_any(args.dataset_name)
+    if args.dataset_test_split not in dataset:
+        dataset = dataset["train"].train_test_split(test_size=args.test_size, seed=args.seed)
+    splits = DatasetDict(train=dataset["train"], test=dataset[args.dataset_test_split])
+    missing = {"prompt", "chosen", "rejected"} - set(splits["train"].column_names)
+    if missing:
+        raise ValueError(f"The dataset needs `prompt`, `chosen` and `rejected` columns; {sorted(missing)} missing.")
+    if args.quick:
+        splits = DatasetDict(train=splits["train"].select(range(min(32, len(splits["train"])))),
+                             test=splits["test"].select(range(min(16, len(splits["test"])))))
+    return splits
+
+
+def train_method(method: str, args: PennArguments, model_path: str, train_dataset, output_dir: Path):
+    """Trains `method` from the base model; returns the trainer."""
+    common = dict(
+        output_dir=str(output_dir / "checkpoints"),
+        max_steps=args.max_steps if args.max_steps > 0 else -1,
+        num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler_type,
+        max_length=args.max_length,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=args.seed,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=False,
+    )
+    peft_config = None if args.full_finetune else LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules, task_type="CAUSAL_LM"
+    )
+    if method in ("sft", "kl_sft", "ift"):
+        loss = {"sft": {"loss_type": "nll"},
+                "kl_sft": {"loss_type": "kl_sft", "kl_coef": args.kl_coef, "kl_penalty": args.kl_penalty},
+                "ift": {"loss_type": "ift", "ift_lambda": args.ift_lambda, "ift_gamma": args.ift_gamma}}[method]
+        trainer = trl_ext.SFTTrainer(model=model_path, args=trl_ext.SFTConfig(**common, **loss),
+                                     train_dataset=train_dataset, peft_config=peft_config)
+    elif method == "trl_dpo":
+        trainer = trl.DPOTrainer(model=model_path, args=trl.DPOConfig(**common, beta=args.beta),
+                                 train_dataset=train_dataset, peft_config=peft_config)
+    else:
+        loss_type = args.dpo_loss_type if method == "dpo" else args.dpop_loss_type
+        config = trl_ext.DPOConfig(**common, beta=args.beta, loss_type=loss_type, dpop_lambda=args.dpop_lambda)
+        trainer = trl_ext.DPOTrainer(model=model_path, args=config, train_dataset=train_dataset,
+                                     peft_config=peft_config)
+    trainer.train()
+    trainer.save_model(str(output_dir / "model"))
+    shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
+    return trainer
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], args: PennArguments, desc: str) -> list[str]:
+    model.eval()
+    device = next(model.parameters()).device
+    torch.manual_seed(args.seed)  # the same sampling noise for every method
+    completions = []
+    batches = range(0, len(prompts), args.generation_batch_size)
+    for start in tqdm(batches, desc=desc):
+        batch = tokenizer(prompts[start : start + args.generation_batch_size], return_tensors="pt", padding=True)
+        batch = batch.to(device)
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+        output = model.generate(
+            **batch, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            **(sampling if args.decoding == "sample" else {"do_sample": False}),
+        )
+        completions += tokenizer.batch_decode(output[:, batch["input_ids"].size(1):], skip_special_tokens=True)
+    return completions
+
+
+@torch.no_grad()
+def mean_completion_nll(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int) -> float:
+    """Mean per-token NLL of each completion given its prompt under `model`, averaged over completions."""
+    device = next(model.parameters()).device
+    per_completion = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for prompt, completion in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            completion_ids = tokenizer(prompt + completion)["input_ids"][len(prompt_ids):]
+            rows.append((prompt_ids + completion_ids, len(prompt_ids)))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        target_mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (ids, prompt_length) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            target_mask[i, prompt_length : len(ids)] = True
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
+        token_nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), input_ids[:, 1:].to(device), reduction="none"
+        )
+        mask = target_mask[:, 1:].to(device)
+        per_completion += ((token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
+    return sum(per_completion) / len(per_completion)
+
+
+def evaluate_method(method, model, tokenizer, base_model, test, args: PennArguments) -> dict:
+    prompts = list(test["prompt"])
+    completions = generate(model, tokenizer, prompts, args, desc=f"{method}: generating")
+    return {
+        "alignment_accuracy": alignment_accuracy(completions, args.target_pattern),
+        "repetition_3gram": mean_repeated_ngram_share(completions),
+        "distinct_2": distinct_n(completions),
+        "fluency_nll": mean_completion_nll(base_model, tokenizer, prompts, completions, args.generation_batch_size),
+        "mean_length_words": mean_length(completions),
+        "completions": completions,
+    }
+
+
+def run_method(method, args, model_path, tokenizer, base_model, splits, output_dir: Path) -> dict:
+    start = time.perf_counter()
+    log_history = []
+    if method == "base":
+        model = base_model
+    else:
+        trainer = train_method(method, args, model_path, splits["train"], output_dir)
+        model, log_history = trainer.model, trainer.state.log_history
+    train_seconds = time.perf_counter() - start
+    result = evaluate_method(method, model, tokenizer, base_model, splits["test"], args)
+    final = next((entry for entry in reversed(log_history) if "rewards/chosen" in entry), {})
+    result.update(
+        method=method,
+        train_seconds=train_seconds,
+        wall_seconds=time.perf_counter() - start,
+        final_chosen_reward=final.get("rewards/chosen"),
+        log_history=log_history,
+    )
+    return result
+
+
+def write_json_atomically(path: Path, data) -> None:
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(data, indent=2))
+    staging.replace(path)
+
+
+def judge_pair(args: PennArguments, prompts, completions_a, completions_b) -> float:
+    """Share of prompts where the judge prefers A over B, asking in a seeded random order to cancel position bias."""
+    api_key = os.environ.get(args.judge_api_key_env, "")
+    rng = random.Random(args.seed)
+    wins = 0.0
+    for prompt, a, b in tqdm(list(zip(prompts, completions_a, completions_b)), desc="judging"):
+        swapped = rng.random() < 0.5
+        first, second = (b, a) if swapped else (a, b)
+        question = (
+            "Which continuation of the sentence is better: more fluent, coherent and natural? "
+            f"Answer with the single letter A or B.\n\nSentence start: {prompt}\n\nA: {first}\n\nB: {second}"
+        )
+        request = urllib.request.Request(
+            args.judge_base_url.rstrip("/") + "/chat/completions",
+            data=json.dumps({"model": args.judge_model, "temperature": 0,
+                             "messages": [{"role": "user", "content": question}]}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())["choices"][0]["message"]["content"].strip().upper()
+        if answer.startswith("A") or answer.startswith("B"):
+            prefers_first = answer.startswith("A")
+            wins += prefers_first != swapped
+        else:
+            wins += 0.5  # an unusable answer counts as a tie
+    return wins / len(prompts)
+
+
+def plot(results: dict, output_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for method, result in results.items():
+        steps = [entry for entry in result["log_history"] if "rewards/chosen" in entry]
+        if method in DPO_FAMILY and steps:
+            figure, axis = plt.subplots(figsize=(6, 4))
+            for key in ("rewards/chosen", "rewards/rejected"):
+                axis.plot([entry["step"] for entry in steps], [entry[key] for entry in steps], label=key)
+            axis.axhline(0, color="grey", linewidth=0.5)
+            axis.set(title=f"{method}: implicit rewards", xlabel="step", ylabel="reward")
+            axis.legend()
+            written.append(_save(figure, output_dir / f"rewards_{method}.png"))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    names = list(results)
+    axis.bar(names, [results[name]["alignment_accuracy"] for name in names])
+    axis.set(title="Alignment accuracy (share of completions mentioning the target)", ylim=(0, 1))
+    written.append(_save(figure, output_dir / "alignment_accuracy.png"))
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name, result in results.items():
+        steps = [entry for entry in result["log_history"] if "loss" in entry]
+        if steps:
+            axis.plot([entry["step"] for entry in steps], [entry["loss"] for entry in steps], label=name)
+    axis.set(title="Training loss", xlabel="step", ylabel="loss")
+    axis.legend()
+    written.append(_save(figure, output_dir / "loss_curves.png"))
+    return written
+
+
+def _save(figure, path: Path) -> str:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path.name
+
+
+def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) -> str:
+    decoding = (f"seeded sampling (temperature {args.temperature}, top-p {args.top_p}, seed {args.seed})"
+                if args.decoding == "sample" else "greedy")
+    lines = [
+        "# Penn experiment",
+        "",
+        f"Model `{args.model_name_or_path}` ({'full fine-tuning' if args.full_finetune else f'LoRA r {args.lora_r}'}),"
+        f" {args.max_steps if args.max_steps > 0 else f'{args.num_train_epochs} epochs of'} steps x batch "
+        f"{args.per_device_train_batch_size}, lr {args.learning_rate}, beta {args.beta}, DPOP lambda "
+        f"{args.dpop_lambda} (`{args.dpop_loss_type}`), DPO `{args.dpo_loss_type}`. {len(prompts)} held-out prompts, "
+        f"up to {args.max_new_tokens} new tokens, {decoding}. Fluency: mean per-token NLL of the completion under the "
+        "untrained base model (lower is more fluent).",
+        "",
+        "| method | alignment accuracy | repeated 3-grams | distinct-2 | fluency NLL | mean words | final chosen reward "
+        "| wall time (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, result in results.items():
+        reward = result["final_chosen_reward"]
+        lines.append(
+            f"| {name} | {result['alignment_accuracy']:.3f} | {result['repetition_3gram']:.3f} | "
+            f"{result['distinct_2']:.3f} | {result['fluency_nll']:.3f} | {result['mean_length_words']:.1f} | "
+            f"{'' if reward is None else f'{reward:.3f}'} | {result['wall_seconds']:.0f} |"
+        )
+    if judge:
+        lines += ["", "Judge win rates (A over B, same prompts):", ""]
+        lines += [f"- {pair.replace(':', ' over ')}: {rate:.3f}" for pair, rate in judge.items()]
+    lines += ["", "## Sample completions", ""]
+    for index, prompt in enumerate(prompts[: args.num_samples_in_report]):
+        lines += [f"**{prompt}**", ""]
+        lines += [f"- {name}: {result['completions'][index]!r}" for name, result in results.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(args: PennArguments) -> dict:
+    if args.quick:
+        args.max_steps, args.max_new_tokens = min(args.max_steps, 4) if args.max_steps > 0 else 4, 16
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    transformers.set_seed(args.seed)
+    splits = load_splits(args)
+    model_path = trl_ext.resolve_model_name(args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    base_model = AutoModelForCausalLM.from_pretrained(model_path)
+    if torch.cuda.is_available():
+        base_model.to("cuda")
+
+    results = {}
+    for position, method in enumerate(args.methods, start=1):
+        method_dir = output_dir / method
+        result_file = method_dir / "result.json"
+        if result_file.exists() and not args.overwrite:
+            print(f"[{position}/{len(args.methods)}] {method}: results exist, skipped (--overwrite redoes it)")
+            results[method] = json.loads(result_file.read_text())
+            continue
+        print(f"[{position}/{len(args.methods)}] {method}: training and evaluating", flush=True)
+        method_dir.mkdir(parents=True, exist_ok=True)
+        results[method] = run_method(method, args, model_path, tokenizer, base_model, splits, method_dir)
+        write_json_atomically(result_file, results[method])
+
+    prompts = list(splits["test"]["prompt"])
+    judge = {}
+    if args.judge_base_url:
+        for pair in args.judge_pairs:
+            a, b = pair.split(":")
+            if a in results and b in results:
+                judge[pair] = judge_pair(args, prompts, results[a]["completions"], results[b]["completions"])
+    plots = plot(results, output_dir)
+    (output_dir / "report.md").write_text(report(results, judge, args, prompts))
+    summary = {
+        "config": asdict(args),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "trl": trl.__version__,
+                     "transformers": transformers.__version__, "trl_ext": trl_ext.__version__},
+        "seed": args.seed,
+        "metrics": {name: {key: result[key] for key in (*METRICS, "final_chosen_reward", "wall_seconds")}
+                    for name, result in results.items()},
+        "judge_win_rates": judge,
+        "plots": plots,
+        "methods": results,
+    }
+    write_json_atomically(output_dir / "results.json", summary)
+    print((output_dir / "report.md").read_text().split("## Sample completions")[0])
+    return summary
+
+
+if __name__ == "__main__":
+    (penn_args,) = TrlParser((PennArguments,)).parse_args_and_config()
+    main(penn_args)
