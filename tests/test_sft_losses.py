@@ -11,6 +11,7 @@ from trl_ext.losses import (
     relation_propagation_weights,
     sq_logratio_penalty,
     token_kl_penalty,
+    unpack_sequences,
 )
 
 MASK = torch.tensor([[1.0, 1.0, 0.0]])  # two target tokens, then padding
@@ -78,3 +79,11 @@ def test_ift_weight_gradient_detached_or_not():
     torch.testing.assert_close(gradients[True], weights / 3)
     # Not detached: the weights' own gradient adds to it
     assert not torch.allclose(gradients[False], gradients[True])
+
+
+def test_unpack_sequences_pads_each_sequence_to_a_row():
+    packed = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    rows = unpack_sequences(packed, torch.tensor([0, 2, 5, 6]))
+    assert rows.tolist() == [[1.0, 2.0, 0.0], [3.0, 4.0, 5.0], [6.0, 0.0, 0.0]]
+    mask = unpack_sequences(torch.tensor([[True, True, False, True, True, True]]), torch.tensor([0, 2, 6]))
+    assert mask.tolist() == [[True, True, False, False], [False, True, True, True]]

@@ -1,5 +1,6 @@
 """`trl_ext.SFTTrainer` against `trl.SFTTrainer` on a tiny random Llama (seconds on CPU)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -149,12 +150,34 @@ def test_ift_with_lora(tiny_model_dir, preference_dataset, tmp_path):
         ({"loss_type": "ift", "ift_lambda": 1.5}, r"`ift_lambda` must be in \[0, 1\], got 1.5"),
         ({"loss_type": "ift", "ift_gamma": -0.1}, r"`ift_gamma` must be in \[0, 1\], got -0.1"),
         ({"loss_type": "ift", "ift_prediction": "sampled"}, r"Unknown `ift_prediction` 'sampled'. Valid values: \['greedy', 'soft'\]"),
-        ({"loss_type": "ift", "packing": True}, r"does not support `packing=True`"),
     ],
 )
 def test_bad_ift_config_is_refused(tmp_path, config, message):
     with pytest.raises(ValueError, match=message):
         make_config(SFTConfig, tmp_path, **config)
+
+
+@pytest.mark.parametrize("loss", [{"loss_type": "kl_sft", "kl_coef": 1.0}, {"loss_type": "ift", "ift_lambda": 0.5}])
+def test_padding_free_batch_gives_the_padded_batch_loss(tiny_model_dir, preference_dataset, tmp_path, loss):
+    """With packing, TRL lays the sequences end to end in one row: per-sequence reductions must not mix them."""
+    trainer = SFTTrainer(model=tiny_model_dir, args=make_config(SFTConfig, tmp_path, **loss),
+                         train_dataset=preference_dataset.select(range(4)))
+    trainer.model.train()
+    with torch.no_grad():  # move the policy away from the frozen reference, so the KL penalty is not 0
+        trainer.model.model.layers[0].mlp.down_proj.weight.add_(0.1)
+    # Different lengths, so that padding and packing lay them out differently
+    examples = [{key: trainer.train_dataset[i][key][: 20 + 6 * i] for key in ("input_ids", "labels")}
+                for i in range(4)]
+    padded = trainer.data_collator(examples)
+    packed = dataclasses.replace(trainer.data_collator, padding_free=True, pad_to_multiple_of=128)(examples)
+    assert packed["input_ids"].shape == (1, 128) and "attention_mask" not in packed
+    losses, metrics = [], []
+    for batch in (padded, packed):
+        losses.append(trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)).item())
+        metrics.append({key: values.pop() for key, values in trainer._metrics["train"].items() if "/" in key})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert metrics[1] == pytest.approx(metrics[0], rel=1e-4)
+    assert metrics[0]["kl/penalty" if loss["loss_type"] == "kl_sft" else "ift/nll_mixed"] > 0
 
 
 @pytest.mark.parametrize("loss_type", ["kl_sft", "ift"])

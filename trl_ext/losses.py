@@ -42,6 +42,20 @@ def sequence_mean(token_values: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (token_values * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
 
 
+def unpack_sequences(token_values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Splits one row of sequences laid end to end (a padding-free batch) into a right-padded row per sequence.
+
+    Args:
+        token_values: `(1, N)` per-token values.
+        offsets: `(S + 1,)` sequence `k` spans `[offsets[k], offsets[k + 1])`; `offsets[-1] == N`.
+
+    Returns:
+        `(S, L)`, `L` the longest sequence, zero (False) after each sequence's end. Differentiable.
+    """
+    rows = torch.split(token_values[0], offsets.diff().tolist())
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
 def sq_logratio_penalty(
     policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:

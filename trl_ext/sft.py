@@ -126,10 +126,6 @@ def validate_sft_config(args: trl.SFTConfig) -> None:
         )
     if args.precompute_ref_log_probs and (args.packing or args.padding_free):
         raise ValueError("`precompute_ref_log_probs=True` does not support `packing` or `padding_free`.")
-    if args.loss_type == "ift" and (args.packing or args.padding_free):
-        # Packed rows hold several sequences: a prediction would cross a boundary and the per-sequence reduction
-        # would mix sequences.
-        raise ValueError("`loss_type='ift'` does not support `packing=True` or `padding_free=True`; set both to False.")
     if args.label_smoothing_factor > 0:
         raise ValueError(f"`label_smoothing_factor` is not supported with `loss_type='{args.loss_type}'`; set it to 0.")
 
@@ -238,6 +234,12 @@ class SFTTrainer(trl.SFTTrainer):
         loss, outputs = result if return_outputs else (result, None)
         policy_token_logps, mask = fused_outputs[0].log_probs, fused_outputs[0].label_mask
         ref_token_logps = precomputed if precomputed is not None else self._reference_token_logps(inputs)
+        # The NLL term as TRL reduces it: a mean over every target token of the batch, on all processes
+        mode = "train" if self.model.training else "eval"
+        nll_sum = self.accelerator.gather(-(policy_token_logps.detach() * mask).sum()).sum()
+        num_tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
+        mask, policy_token_logps, ref_token_logps = _rows_per_sequence(inputs, mask, policy_token_logps,
+                                                                       ref_token_logps)
         penalty = KL_PENALTIES[self.args.kl_penalty](policy_token_logps, ref_token_logps, mask)
         loss = loss + self.args.kl_coef * penalty.mean() / self._accumulation_divisor(num_items_in_batch)
         self._log_means({
@@ -245,17 +247,14 @@ class SFTTrainer(trl.SFTTrainer):
             "logps/policy": losses.sequence_mean(policy_token_logps, mask),
             "logps/ref": losses.sequence_mean(ref_token_logps, mask),
         })
-        # The NLL term as TRL reduces it: a mean over every target token of the batch, on all processes
-        mode = "train" if self.model.training else "eval"
-        nll_sum = self.accelerator.gather(-(policy_token_logps.detach() * mask).sum()).sum()
-        num_tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
         self._metrics[mode]["kl/nll"].append((nll_sum / num_tokens).item())
         return (loss, outputs) if return_outputs else loss
 
     def _ift_loss(self, model, inputs, return_outputs, num_items_in_batch):
         labels = inputs["labels"]
         # Completion positions other than a sequence's first token get a mixed input; their prediction comes from the
-        # previous position, which is then inside the same sequence (packing is refused).
+        # previous position, which is then inside the same sequence (TRL's padding-free collator already ignores the
+        # label of each packed sequence's first token).
         mix_mask = labels != -100
         mix_mask[:, 0] = False
         ift_lambda = self.current_ift_lambda()
@@ -264,6 +263,8 @@ class SFTTrainer(trl.SFTTrainer):
 
         with torch.no_grad():
             predicted_embeds, teacher_forced_nll = self._ift_predictions(unwrapped, inputs, mix_mask)
+        teacher_forced_mask, teacher_forced_nll = _rows_per_sequence(inputs, mix_mask, teacher_forced_nll,
+                                                                     shifted=False)
         token_embeds = embedding(inputs["input_ids"])
         mixed_embeds = losses.ift_mix_embeddings(token_embeds, predicted_embeds, mix_mask, ift_lambda)
         mixed_inputs = {key: value for key, value in inputs.items() if key != "input_ids"}
@@ -273,12 +274,12 @@ class SFTTrainer(trl.SFTTrainer):
         with record_fused_outputs(unwrapped) as fused_outputs:
             result = super().compute_loss(model, mixed_inputs, return_outputs, num_items_in_batch)
         outputs = result[1] if return_outputs else None
-        token_nll, mask = -fused_outputs[0].log_probs, fused_outputs[0].label_mask
+        mask, token_nll = _rows_per_sequence(inputs, fused_outputs[0].label_mask, -fused_outputs[0].log_probs)
         per_sequence = losses.ift_loss(token_nll, mask, self.args.ift_gamma, self.args.ift_detach_weights)
         loss = per_sequence.mean() / self._accumulation_divisor(num_items_in_batch)
         self._log_means({
             "ift/lambda": torch.tensor([ift_lambda], device=mask.device),
-            "ift/nll_teacher_forced": teacher_forced_nll,
+            "ift/nll_teacher_forced": losses.sequence_mean(teacher_forced_nll, teacher_forced_mask),
             "ift/nll_mixed": losses.sequence_mean(token_nll, mask),
         })
         return (loss, outputs) if return_outputs else loss
@@ -293,7 +294,7 @@ class SFTTrainer(trl.SFTTrainer):
 
     def _ift_predictions(self, unwrapped, inputs, mix_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """IFT's first pass: the predicted embedding for each masked position `(B, T, H)`, zero elsewhere, and the
-        teacher-forced per-sequence mean NLL `(B,)` of the labels.
+        teacher-forced NLL `(B, T)` of each masked position's token, zero elsewhere.
 
         Runs the backbone once and the LM head only on the positions that feed a prediction, in chunks, so no
         `(B, T, vocab)` logits exist.
@@ -321,7 +322,7 @@ class SFTTrainer(trl.SFTTrainer):
         if predicted:
             predicted_embeds[mix_mask] = torch.cat(predicted)
             token_nll[mix_mask] = torch.cat(nll)
-        return predicted_embeds, losses.sequence_mean(token_nll, mix_mask)
+        return predicted_embeds, token_nll
 
     def _accumulation_divisor(self, num_items_in_batch) -> int:
         # As for TRL's MoE aux loss: with `num_items_in_batch`, the Trainer leaves gradient accumulation to the loss,
@@ -353,6 +354,23 @@ class SFTTrainer(trl.SFTTrainer):
             # A new adapter disabled is the base model; an adapter loaded for re-training keeps a copy named "ref".
             with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
                 return self.model(**model_inputs).log_probs
+
+
+def _rows_per_sequence(inputs, mask, *token_values, shifted: bool = True) -> tuple[torch.Tensor, ...]:
+    """`mask` and `token_values` with one row per sequence, so that per-sequence reductions stay within a sequence.
+
+    A padding-free batch (packing) is one row of sequences laid end to end: it is split at TRL's sequence offsets,
+    dropping the sequences without a target (padding). Other batches are returned as they are. With `shifted`, the
+    tensors are `(B, T - 1)` and position `t` holds the label of token `t + 1`.
+    """
+    if "cu_seq_lens_q" not in inputs:
+        return (mask, *token_values)
+    offsets = inputs["cu_seq_lens_q"].to(mask.device)
+    if shifted:
+        offsets = (offsets - 1).clamp(min=0)
+    rows = [losses.unpack_sequences(values, offsets) for values in (mask, *token_values)]
+    has_targets = rows[0].any(dim=1)
+    return tuple(row[has_targets] for row in rows)
 
 
 class _PadReferenceLogps:
