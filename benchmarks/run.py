@@ -172,7 +172,7 @@ def memory_worker(family, contender, model, seq_len, setup, args) -> float:
     import torch
 
     step = make_step(build_trainer(family, contender, model, seq_len, setup, args))
-    for _ in range(args.warmup + args.steps):
+    for _ in range(args.memory_steps):
         step()
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -213,8 +213,8 @@ def markdown(results: list[dict], info: dict, args) -> str:
     lines = [
         f"Device: {info['device']} ({info['cpu_count']} CPUs), torch {info['torch']}, transformers "
         f"{info['transformers']}, trl {info['trl']}. Batch: {args.dpo_batch_size} pairs (DPO), {args.sft_batch_size} "
-        f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; median of "
-        f"{args.steps} steps after {args.warmup} warm-up.",
+        f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; step time: median "
+        f"of {args.steps} steps after {args.warmup} warm-up; peak memory: over {args.memory_steps} steps.",
         "",
         "| family | model | seq | setup | contender | step s | step ratio | peak MiB | memory ratio | target |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -238,7 +238,7 @@ def target_verdict(row: dict) -> str:
 
 def main(args) -> list[dict]:
     common = [f"--{key}={value}" for key, value in vars(args).items()
-              if key in ("cache", "warmup", "steps", "batches", "dpo_batch_size", "sft_batch_size")]
+              if key in ("cache", "warmup", "steps", "memory_steps", "batches", "dpo_batch_size", "sft_batch_size")]
     common += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--bf16"] * args.bf16
     results = []
     for family in args.families:
@@ -285,6 +285,8 @@ def parse_args(argv=None):
                         choices=["peft", "ref_model", "precomputed"])
     parser.add_argument("--warmup", type=int, default=2, help="rounds not timed")
     parser.add_argument("--steps", type=int, default=5, help="timed rounds")
+    parser.add_argument("--memory_steps", type=int, default=3,
+                        help="steps of each memory process: the peak is reached once the optimizer state exists")
     parser.add_argument("--batches", type=int, default=2, help="distinct batches per contender, cycled")
     parser.add_argument("--dpo_batch_size", type=int, default=2)
     parser.add_argument("--sft_batch_size", type=int, default=4)
@@ -302,7 +304,8 @@ def parse_args(argv=None):
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.models, args.seq_lens, args.setups, args.warmup, args.steps = ["tiny"], [128], ["peft"], 1, 2
+        args.models, args.seq_lens, args.setups = ["tiny"], [128], ["peft"]
+        args.warmup, args.steps, args.memory_steps = 1, 2, 2
     return args
 
 
