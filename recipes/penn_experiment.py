@@ -47,6 +47,8 @@ METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")
 DPO_FAMILY = ("dpo", "dpop", "trl_dpo")
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "penn")
 METRICS = ("alignment_accuracy", "repetition_3gram", "distinct_2", "fluency_nll", "mean_length_words")
+# Training curves of the trl_ext objectives, plotted next to the loss and reward curves
+OBJECTIVE_METRICS = ("kl/penalty", "ift/nll_teacher_forced", "ift/nll_mixed", "dpop_norm/penalty", "dpop/penalty")
 
 
 @dataclass
@@ -297,7 +299,7 @@ def plot(results: dict, output_dir: Path) -> list[str]:
         steps = [entry for entry in result["log_history"] if "rewards/chosen" in entry]
         if method in DPO_FAMILY and steps:
             figure, axis = plt.subplots(figsize=(6, 4))
-            for key in ("rewards/chosen", "rewards/rejected"):
+            for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
                 axis.plot([entry["step"] for entry in steps], [entry[key] for entry in steps], label=key)
             axis.axhline(0, color="grey", linewidth=0.5)
             axis.set(title=f"{method}: implicit rewards", xlabel="step", ylabel="reward")
@@ -316,6 +318,18 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     axis.set(title="Training loss", xlabel="step", ylabel="loss")
     axis.legend()
     written.append(_save(figure, output_dir / "loss_curves.png"))
+    curves = {key: {name: [(entry["step"], entry[key]) for entry in result["log_history"] if key in entry]
+                    for name, result in results.items()} for key in OBJECTIVE_METRICS}
+    curves = {key: {name: points for name, points in by_method.items() if points} for key, by_method in curves.items()}
+    curves = {key: by_method for key, by_method in curves.items() if by_method}
+    if curves:
+        figure, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 4), squeeze=False)
+        for axis, (key, by_method) in zip(axes[0], curves.items()):
+            for name, points in by_method.items():
+                axis.plot(*zip(*points), label=name)
+            axis.set(title=key, xlabel="step")
+            axis.legend()
+        written.append(_save(figure, output_dir / "objective_metrics.png"))
     return written
 
 

@@ -15,7 +15,7 @@ penn = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(penn)
 
 OUTPUT_FILES = ["report.md", "results.json", "alignment_accuracy.png", "loss_curves.png", "rewards_dpo.png",
-                "rewards_dpop.png", "rewards_trl_dpo.png"]
+                "rewards_dpop.png", "rewards_trl_dpo.png", "objective_metrics.png"]
 
 
 def parse(args: list[str]) -> "penn.PennArguments":
