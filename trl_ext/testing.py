@@ -7,13 +7,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
-def build_tiny_llama(path: str | Path, corpus: list[str], hidden_size: int = 32, num_layers: int = 2) -> str:
-    """Saves a random Llama and a byte-level BPE tokenizer trained on `corpus` to `path`; returns `path`."""
+def build_tiny_llama(
+    path: str | Path, corpus: list[str], hidden_size: int = 32, num_layers: int = 2, vocab_size: int = 320
+) -> str:
+    """Saves a random Llama and a byte-level BPE tokenizer of `vocab_size` (256 bytes + merges) trained on `corpus`
+    to `path`; returns `path`."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     bpe_trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(corpus, bpe_trainer)
     tokenizer = PreTrainedTokenizerFast(

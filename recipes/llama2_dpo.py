@@ -1,0 +1,61 @@
+"""Step 2 of the Llama-2 stack-exchange pipeline: QLoRA DPO (or DPOP, or any trl_ext DPO loss) on `data/rl`, starting
+from the merged SFT model, with the policy's adapter disabled as the reference.
+
+```bash
+accelerate launch recipes/llama2_dpo.py                        # the published setup, after recipes/llama2_sft.py
+accelerate launch recipes/llama2_dpo.py --loss_type dpop --output_dir outputs/llama2-dpop
+accelerate launch --config_file accelerate_configs/multi_gpu.yaml recipes/llama2_dpo.py   # DDP
+```
+
+Reads `recipes/configs/llama2_dpo.yaml` unless `--config` names another file; every field is also a flag. Prompts are
+`"Question: <question>\n\nAnswer:"`, capped at `--max_prompt_tokens` (the end is kept); pairs longer than
+`--max_length` tokens are dropped.
+"""
+
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, TrlParser
+
+import stack_exchange
+from recipe_utils import model_and_tokenizer, reward_summary, train_and_save, with_default_config
+from trl_ext import DPOConfig, DPOTrainer
+from trl_ext.data import prepare_preference_pairs
+
+
+@dataclass
+class DPODataArguments:
+    dataset_name: str = field(default=stack_exchange.HUB_DATASET,
+                              metadata={"help": "Hub dataset or local directory in the stack-exchange-paired layout."})
+    data_dir: str = field(default="data/rl")
+    eval_data_dir: str = field(default="data/evaluation")
+    max_prompt_tokens: int = field(default=512, metadata={"help": "Prompts keep their last this many tokens."})
+    num_proc: int | None = field(default=None, metadata={"help": "Processes for mapping and filtering the data."})
+
+    def __post_init__(self):
+        if self.max_prompt_tokens < 2:
+            raise ValueError(f"`max_prompt_tokens` must be >= 2, got {self.max_prompt_tokens}.")
+
+
+def load_pairs(data_args: DPODataArguments, data_dir: str, tokenizer, max_length: int | None):
+    dataset = stack_exchange.load_split(data_args.dataset_name, data_dir)
+    dataset = dataset.map(stack_exchange.preference_pair, remove_columns=dataset.column_names,
+                          num_proc=data_args.num_proc)
+    return prepare_preference_pairs(dataset, tokenizer, data_args.max_prompt_tokens, max_length,
+                                    num_proc=data_args.num_proc)
+
+
+def main(data_args: DPODataArguments, training_args: DPOConfig, model_args: ModelConfig) -> DPOTrainer:
+    model_path, tokenizer = model_and_tokenizer(model_args, training_args)
+    with training_args.main_process_first(desc="preparing the preference pairs"):
+        train_dataset = load_pairs(data_args, data_args.data_dir, tokenizer, training_args.max_length)
+        eval_dataset = None
+        if training_args.eval_strategy != "no":
+            eval_dataset = load_pairs(data_args, data_args.eval_data_dir, tokenizer, training_args.max_length)
+    trainer = train_and_save(DPOTrainer, model_path, model_args, training_args, train_dataset, eval_dataset, tokenizer)
+    trainer.accelerator.print(reward_summary(trainer.state.log_history))
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = TrlParser((DPODataArguments, DPOConfig, ModelConfig))
+    main(*parser.parse_args_and_config(args=with_default_config(None, "llama2_dpo.yaml")))

@@ -1,0 +1,60 @@
+"""Step 1 of the Llama-2 stack-exchange pipeline: QLoRA SFT on `data/finetune`, then the adapter merged into a bf16
+copy of the base for DPO (TRL's former `stack_llama_2` example on trl_ext's SFTTrainer).
+
+```bash
+accelerate launch recipes/llama2_sft.py                        # the published setup: Llama-2-7B, 4-bit, one GPU
+accelerate launch recipes/llama2_sft.py --loss_type kl_sft     # KL-SFT; the reference: the adapter disabled
+accelerate launch recipes/llama2_sft.py --loss_type ift        # IFT
+accelerate launch recipes/llama2_sft.py --model_name_or_path embedded:smollm2-135m-instruct \
+    --dataset_name recipes/data/stack_exchange_sample ...      # offline, see the README
+```
+
+Reads `recipes/configs/llama2_sft.yaml` unless `--config` names another file; every field is also a flag.
+"""
+
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, TrlParser, get_peft_config
+
+import stack_exchange
+from merge_adapter import merge_adapter
+from recipe_utils import model_and_tokenizer, train_and_save, with_default_config
+from trl_ext import SFTConfig, SFTTrainer
+
+
+@dataclass
+class SFTDataArguments:
+    dataset_name: str = field(default=stack_exchange.HUB_DATASET,
+                              metadata={"help": "Hub dataset or local directory in the stack-exchange-paired layout."})
+    data_dir: str = field(default="data/finetune")
+    streaming: bool = field(default=True, metadata={"help": "Stream the data instead of downloading it whole."})
+    eval_size: int = field(
+        default=4000, metadata={"help": "Leading examples held out for evaluation, when `eval_strategy` is set."}
+    )
+    merge: bool = field(default=True, metadata={"help": "Merge the trained adapter into the base when done."})
+    merged_dir: str | None = field(default=None, metadata={"help": "Where the merged model goes; <output_dir>/merged."})
+    merge_dtype: str = field(default="bfloat16", metadata={"choices": ["bfloat16", "float16", "float32"]})
+
+
+def main(data_args: SFTDataArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
+    model_path, tokenizer = model_and_tokenizer(model_args, training_args)
+    dataset = stack_exchange.load_split(data_args.dataset_name, data_args.data_dir, data_args.streaming)
+    dataset = dataset.map(stack_exchange.sft_text, remove_columns=dataset.column_names)
+    train_dataset, eval_dataset = dataset, None
+    if training_args.eval_strategy != "no":
+        train_dataset, eval_dataset = dataset.skip(data_args.eval_size), dataset.take(data_args.eval_size)
+    trainer = train_and_save(SFTTrainer, model_path, model_args, training_args, train_dataset, eval_dataset, tokenizer)
+
+    if data_args.merge and get_peft_config(model_args) is not None:
+        trainer.accelerator.wait_for_everyone()
+        merged_dir = data_args.merged_dir or f"{training_args.output_dir}/merged"
+        if trainer.accelerator.is_main_process:  # on CPU: a bf16 7B model needs 14 GB of RAM, not of GPU memory
+            merge_adapter(training_args.output_dir, merged_dir, data_args.merge_dtype)
+            print(f"Merged model saved to {merged_dir}: the starting point of recipes/llama2_dpo.py.")
+        trainer.accelerator.wait_for_everyone()
+    return trainer
+
+
+if __name__ == "__main__":
+    parser = TrlParser((SFTDataArguments, SFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config(args=with_default_config(None, "llama2_sft.yaml")))
