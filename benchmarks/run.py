@@ -11,7 +11,8 @@ For each configuration (family x model x sequence length x reference setup):
   the median optimizer-step time (forward, backward, optimizer step) after the warm-up rounds;
 - **peak memory**: one fresh process per contender; CPU: the process's peak RSS, GPU:
   `torch.cuda.max_memory_allocated`.
-Ratios divide by the TRL baseline of the same configuration (`trl sigmoid` for the DPO family, `trl nll` for SFT);
+Ratios are against the TRL baseline of the same configuration (`trl sigmoid` for the DPO family, `trl nll` for
+SFT): the step-time ratio is the median over rounds of the contender's time over the baseline's in the same round;
 the `A/A` rows measure that baseline a second time, so their distance from 1 is the run's noise floor.
 Writes `results.json` and `results.md` to `--output_dir` and prints the table.
 """
@@ -153,6 +154,8 @@ def synchronize():
 
 
 def time_worker(family, model, seq_len, setup, args) -> dict:
+    """Per contender: the median step time, and the median over rounds of its step time divided by the baseline's in
+    the same round. The paired ratio cancels what drifts between rounds (other load, clock changes)."""
     steps = {name: make_step(build_trainer(family, name, model, seq_len, setup, args)) for name in CONTENDERS[family]}
     names = list(steps)
     times = {name: [] for name in names}
@@ -165,7 +168,11 @@ def time_worker(family, model, seq_len, setup, args) -> dict:
             synchronize()
             if round_index >= args.warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    baseline = times[names[0]]
+    return {name: {"step_s": statistics.median(values),
+                   "step_ratio": statistics.median(t / b for t, b in zip(values, baseline)),
+                   "round_s": values}
+            for name, values in times.items()}
 
 
 def memory_worker(family, contender, model, seq_len, setup, args) -> float:
@@ -259,8 +266,7 @@ def main(args) -> list[dict]:
                     for name in CONTENDERS[family]:
                         row = {
                             "family": family, "model": model, "seq_len": seq_len, "setup": setup, "contender": name,
-                            "step_s": step_times[name], "step_ratio": step_times[name] / step_times[baseline],
-                            "peak_mib": peaks[name], "memory_ratio": peaks[name] / peaks[baseline],
+                            **step_times[name], "peak_mib": peaks[name], "memory_ratio": peaks[name] / peaks[baseline],
                         }
                         row["target"] = target_verdict(row)
                         results.append(row)
