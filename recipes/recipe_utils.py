@@ -1,4 +1,4 @@
-"""Argument handling shared by the recipes."""
+"""Helpers shared by the recipes: default configs, model loading arguments, training, and printed summaries."""
 
 import sys
 from pathlib import Path

@@ -130,8 +130,8 @@ def test_published_configs_hold_the_reference_setup():
     assert dpo.loss_type == ["dpop"] and model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def launch(script: str, args: list[str], processes: int = 1) -> None:
-    """Runs a recipe through `accelerate launch` on CPU, as a user would."""
+def launch(script: str, args: list[str], processes: int = 1) -> str:
+    """Runs a recipe through `accelerate launch` on CPU, as a user would; returns its standard output."""
     if processes > 1:
         launcher = ["--config_file", str(ROOT / "accelerate_configs/multi_cpu.yaml"), "--num_processes", str(processes)]
     else:
@@ -140,6 +140,7 @@ def launch(script: str, args: list[str], processes: int = 1) -> None:
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(ROOT / "recipes" / script), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
 
 
 def logged_steps(checkpoint: Path) -> list[dict]:
@@ -181,11 +182,12 @@ def test_llama2_dpo_two_processes_match_one(se_model_dir, tmp_path):
 def test_qlora_pipeline_on_embedded_model(tmp_path):
     """SFT with 4-bit NF4 + LoRA, merge, then DPOP with QLoRA on the merged model, each launched with accelerate."""
     sft_dir = tmp_path / "sft"
-    launch("llama2_sft.py", [
+    output = launch("llama2_sft.py", [
         *CPU_FLAGS, "--model_name_or_path", "embedded:smollm2-135m-instruct", "--max_steps", "3",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "256",
         "--learning_rate", "5e-3", "--output_dir", str(sft_dir),
     ])
+    assert "base in 4-bit nf4 (float32 compute)" in output  # the QLoRA path, from the config's load_in_4bit
     adapter_config = json.loads((sft_dir / "adapter_config.json").read_text())
     assert adapter_config["target_modules"] and set(adapter_config["target_modules"]) == {"q_proj", "v_proj"}
     merged = AutoModelForCausalLM.from_pretrained(sft_dir / "merged")
@@ -206,11 +208,12 @@ def test_qlora_pipeline_on_embedded_model(tmp_path):
     assert tokenizer.decode(output[0, prompt["input_ids"].shape[1]:]).strip()
 
     dpo_dir = tmp_path / "dpo"
-    launch("llama2_dpo.py", [
+    output = launch("llama2_dpo.py", [
         *CPU_FLAGS, "--model_name_or_path", str(sft_dir / "merged"), "--loss_type", "dpop", "--max_steps", "3",
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--eval_steps", "3",
         "--save_steps", "3", "--output_dir", str(dpo_dir),
     ])
+    assert "base in 4-bit nf4" in output and "dpop/penalty" in output  # QLoRA again; the reward summary
     steps = logged_steps(dpo_dir / "checkpoint-3")
     assert [entry["step"] for entry in steps] == [1, 2, 3]
     assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # a fresh adapter: the policy is the reference
