@@ -1,10 +1,113 @@
 """Dataset loading and preparation shared by the recipes: local JSON/JSONL files or directories, or hub datasets."""
 
+import codecs
+import json
 from pathlib import Path
 
 from datasets import DatasetDict, IterableDatasetDict, load_dataset
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+JSON_LAYOUT = 'a list of objects or one object per line, e.g. `[{"prompt": ..., "chosen": ..., "rejected": ...}]`'
+JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+                   bool: "a boolean", type(None): "null"}
+
+
+def _decode_utf8(path: Path, data: bytes, offset: int, line: int) -> str:
+    """Decodes `data`, which starts at byte `offset` and line `line` of `path`, naming the first invalid byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line += data.count(b"\n", 0, error.start)
+        raise ValueError(f"Dataset file {path} is not valid UTF-8: byte 0x{data[error.start]:02x} at byte offset "
+                         f"{offset + error.start} (line {line}); re-save it as UTF-8.") from None
+
+
+def _read_json_document(path: Path):
+    """Parses all of `path` as one JSON value, naming the line of a syntax error."""
+    data = path.read_bytes()
+    # `datasets` skips a leading BOM too; offsets stay those of the file.
+    text = _decode_utf8(path, data, 0, 1).removeprefix("\ufeff")
+    del data
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Dataset file {path}, line {error.lineno}: invalid JSON ({error.msg} at column "
+                         f"{error.colno}); the file must hold {JSON_LAYOUT}.") from None
+
+
+def _top_level_object_error(path: Path, value: dict) -> ValueError:
+    """The error for a file holding one object (e.g. `{"data": [...]}`) instead of rows."""
+    keys = ", ".join(map(repr, list(value)[:8])) + (", ..." if len(value) > 8 else "")
+    return ValueError(f"Dataset file {path} holds a single JSON object with keys [{keys}], but trl_ext expects "
+                      f"{JSON_LAYOUT}; move the rows into such a list.")
+
+
+def _check_json_list(path: Path) -> None:
+    """Checks a file starting with `[`: a non-empty list of objects."""
+    rows = _read_json_document(path)
+    if not rows:
+        raise ValueError(f"Dataset file {path} holds an empty list; it must hold {JSON_LAYOUT}.")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            # `datasets` would turn a list of strings into a `text` column; the recipes need named fields.
+            raise ValueError(f"Dataset file {path}: the list item at index {index} is "
+                             f"{JSON_TYPE_NAMES[type(row)]}, not an object; the file must hold "
+                             f"{JSON_LAYOUT}.")
+
+
+def _check_json_lines(path: Path) -> None:
+    """Checks a file as JSON Lines, one line at a time: one object per non-blank line."""
+    first_row, rows, offset = None, 0, 0
+    with path.open("rb") as file:
+        # Lines are split on b"\n" as pyarrow does; no multi-byte UTF-8 character contains that byte.
+        for number, line in enumerate(file, start=1):
+            start, offset = offset, offset + len(line)
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line, start = line[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+            text = _decode_utf8(path, line, start, number)
+            if not text.strip():  # `datasets` skips blank lines
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                if not rows and text.lstrip().startswith("{"):
+                    # Likely one pretty-printed object rather than JSON Lines: judge the file as a whole.
+                    document = _read_json_document(path)
+                    if isinstance(document, dict):
+                        raise _top_level_object_error(path, document) from None
+                raise ValueError(f"Dataset file {path}, line {number}: invalid JSON ({error.msg} at column "
+                                 f"{error.colno}); each line must hold one JSON object.") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"Dataset file {path}, line {number}: expected a JSON object, got "
+                                 f"{JSON_TYPE_NAMES[type(row)]}; each line must hold one JSON object.")
+            if not rows:
+                first_row = row
+            rows += 1
+    if not rows:
+        raise ValueError(f"Dataset file {path} is empty; it must hold {JSON_LAYOUT}.")
+    if rows == 1 and path.suffix == ".json":
+        # A `.json` file holding one object is far more often `json.dump(dict)` than a one-row dataset, and
+        # `datasets` would silently make it a single row with the object's keys as columns.
+        raise _top_level_object_error(path, first_row)
+
+
+def check_json_file(path: str | Path) -> None:
+    """Raises a `ValueError` naming the file, the place and the fix unless `path` holds a JSON list of objects or
+    JSON Lines (one object per line, blank lines allowed) in UTF-8, as `datasets`' json loader reads them.
+
+    JSON Lines are checked line by line, so a large file is never held whole; a file starting with `[` is parsed
+    whole, as `datasets` does anyway.
+    """
+    path = Path(path)
+    with path.open("rb") as file:
+        # The first byte that is not a BOM or whitespace tells a list from JSON Lines, as in `datasets`.
+        head = file.read(1 << 16).removeprefix(codecs.BOM_UTF8).lstrip()
+        while not head and (chunk := file.read(1 << 16)):
+            head = chunk.lstrip()
+    if head.startswith(b"["):
+        _check_json_list(path)
+    else:
+        _check_json_lines(path)
 
 
 def load_dataset_any(
@@ -13,7 +116,8 @@ def load_dataset_any(
     """Loads `name_or_path` as a dict of splits.
 
     A local `.json` (a list of objects, or one object per line), `.jsonl`, `.csv` or `.parquet` file becomes a single
-    `train` split; a local directory or a hub name goes to `datasets.load_dataset` unchanged.
+    `train` split; a local directory or a hub name goes to `datasets.load_dataset` unchanged. A local JSON file is
+    first checked with [`check_json_file`], so that a malformed one fails with its path and line.
     """
     path = Path(name_or_path)
     if path.is_file():
@@ -21,6 +125,9 @@ def load_dataset_any(
             raise ValueError(
                 f"Cannot read dataset file {path}: expected one of {sorted(LOCAL_SUFFIXES)}, got `{path.suffix}`."
             )
+        if LOCAL_SUFFIXES[path.suffix] == "json":
+            # `datasets` reports these mistakes without the file or line, or loads a wrong dataset.
+            check_json_file(path)
         return load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), streaming=streaming)
     return load_dataset(name_or_path, name=config_name, streaming=streaming)
 
