@@ -7,28 +7,15 @@ import pytest
 import torch
 import trl
 from datasets import load_dataset
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from trl_ext import SFTConfig, SFTTrainer
 
-from .test_dpo_trainer import TIMING_KEYS, make_config
+from .conftest import LORA, make_config, step_logs, train
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
 KL_KEYS = {"kl/penalty", "kl/nll", "logps/policy", "logps/ref"}
-
-
-def train(trainer_cls, config_cls, model_dir, dataset, tmp_path, trainer_kwargs=None, **config):
-    trainer = trainer_cls(model=model_dir, args=make_config(config_cls, tmp_path, **config), train_dataset=dataset,
-                          **(trainer_kwargs or {}))
-    trainer.train()
-    return trainer
-
-
-def step_logs(trainer, drop=frozenset()):
-    return [{k: v for k, v in entry.items() if k not in TIMING_KEYS | drop}
-            for entry in trainer.state.log_history if "loss" in entry]
 
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
@@ -87,7 +74,7 @@ def test_kl_sft_penalty_holds_policy_closer_to_reference(tiny_model_dir, prefere
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"loss_type": "kl_sft", "kl_coef": -0.1}, r"`kl_coef` must be >= 0, got -0.1"),
+        ({"loss_type": "kl_sft", "kl_coef": -0.1}, r"`kl_coef` must be a finite number >= 0, got -0.1"),
         ({"loss_type": "kl_sft", "kl_penalty": "forward_kl"}, r"Unknown `kl_penalty` 'forward_kl'. Valid values: \['sq_logratio', 'token_kl'\]"),
         ({"loss_type": "klsft"}, r"Unknown `loss_type` 'klsft'. Valid values: \['nll', 'dft', 'kl_sft'"),
     ],
@@ -270,3 +257,24 @@ def test_precomputed_full_fine_tuning_refuses_new_eval_data_after_training(tiny_
                     loss_type="kl_sft", precompute_ref_log_probs=True, max_steps=1)
     with pytest.raises(ValueError, match="no reference model is left"):
         trainer.evaluate(preference_dataset)  # a preference dataset, mapped to `chosen` as in the constructor
+
+
+def test_kl_sft_reference_is_the_adapter_the_model_arrives_with(tiny_model_dir, preference_dataset, tmp_path):
+    """Continuing from a trained adapter: the reference is that adapter, not the base model under it."""
+    trained = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LORA)
+    with torch.no_grad():
+        for name, parameter in trained.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+    trained.save_pretrained(tmp_path / "adapter")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter",
+                                      is_trainable=True)
+    trainer = train(SFTTrainer, SFTConfig, model, preference_dataset, tmp_path / "run",
+                    loss_type="kl_sft", kl_coef=1.0, learning_rate=1e-2, max_steps=4)
+    logs = step_logs(trainer)
+    assert logs[0]["kl/penalty"] == pytest.approx(0.0, abs=1e-10)  # with the adapter disabled it would not be
+    assert logs[0]["logps/policy"] == pytest.approx(logs[0]["logps/ref"], abs=1e-6)
+    assert logs[-1]["kl/penalty"] > 0
+    assert logs[-1]["logps/ref"] == pytest.approx(logs[0]["logps/ref"], rel=0.02)  # the copy stays frozen
+    reference_parameters = [p for name, p in trainer.model.named_parameters() if ".ref." in name]
+    assert reference_parameters and not any(p.requires_grad for p in reference_parameters)

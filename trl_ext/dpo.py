@@ -1,19 +1,22 @@
 """Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered in `trl_ext.dpo_losses` to TRL's."""
 
+import math
 from dataclasses import dataclass, field
 
+import torch
 import trl
 from datasets import Dataset, IterableDataset
-from trl.trainer.utils import FusedCausalLMOutput
 
-from ._fused import record_fused_outputs
-from .dpo_losses import (
-    TRL_DPO_LOSS_TYPES,
-    PreferenceLogps,
-    compute_registered_loss,
-    registered_dpo_losses,
-)
+from .dpo_losses import PreferenceLogps, compute_registered_loss, registered_dpo_losses
 from .embedded import resolve_model_and_args
+from .trl_contract import (
+    TRL_DPO_LOSS_TYPES,
+    ExpectedForward,
+    FusedCausalLMOutput,
+    check_recorded_forwards,
+    default_bf16_to_what_the_machine_supports,
+    record_fused_outputs,
+)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class DPOConfig(trl.DPOConfig):
     )
 
     def __post_init__(self):
+        default_bf16_to_what_the_machine_supports(self)
         super().__post_init__()
         validate_loss_config(self)
 
@@ -46,6 +50,12 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
     """Raises a `ValueError` naming the field if `args` asks for a loss trl_ext cannot compute as configured."""
     valid = TRL_DPO_LOSS_TYPES + registered_dpo_losses()
     loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+    if not loss_types:
+        raise ValueError("`loss_type` is empty: name at least one loss, e.g. `loss_type=['sigmoid']`.")
+    weights = {"beta": args.beta, **{f"loss_weights[{i}]": w for i, w in enumerate(args.loss_weights or [])}}
+    for name, value in weights.items():
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value}.")
     unknown = [name for name in loss_types if name not in valid]
     if unknown:
         raise ValueError(
@@ -58,8 +68,8 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
         return
     if not isinstance(args, DPOConfig):
         raise TypeError(f"`loss_type` {extension} needs a `trl_ext.DPOConfig`, got a `{type(args).__qualname__}`.")
-    if args.dpop_lambda < 0:
-        raise ValueError(f"`dpop_lambda` must be >= 0, got {args.dpop_lambda}.")
+    if not args.dpop_lambda >= 0 or math.isinf(args.dpop_lambda):  # `not >=` also catches NaN
+        raise ValueError(f"`dpop_lambda` must be a finite number >= 0, got {args.dpop_lambda}.")
     # These TRL options reshape the log-probs or the per-pair loss inside TRL's private loss code; trl_ext's losses
     # work on the plain summed log-probs, so refuse rather than silently ignore them.
     unsupported = {
@@ -110,10 +120,12 @@ class DPOTrainer(trl.DPOTrainer):
         # TRL runs the policy first, then (unless reference log-probs are precomputed) the reference: `ref_model`,
         # or the policy itself with its adapter disabled.
         reference = [self.ref_model] if self.ref_model is not None else []
-        with record_fused_outputs(self.accelerator.unwrap_model(model), self.model, *reference) as fused_outputs:
+        policy_has_grad = torch.is_grad_enabled()
+        with record_fused_outputs(self.accelerator, model, *reference) as fused_outputs:
             result = super()._compute_loss(model, inputs, return_outputs)
         loss, outputs = result if return_outputs else (result, None)
 
+        self._check_forwards(inputs, fused_outputs, policy_has_grad)
         batch = self._preference_logps(inputs, fused_outputs)
         mode = "train" if self.model.training else "eval"
         for name, weight in self.extension_losses:
@@ -124,13 +136,15 @@ class DPOTrainer(trl.DPOTrainer):
                 self._metrics[mode][f"{name}/{key}"].append(gathered.mean().item())
         return (loss, outputs) if return_outputs else loss
 
+    def _check_forwards(self, inputs, fused_outputs: list[FusedCausalLMOutput], policy_has_grad: bool) -> None:
+        """The contract: the policy on `[chosen; rejected]` rows, then the reference on the same rows, no gradient."""
+        rows, positions = inputs["completion_mask"].size(0), inputs["completion_mask"].size(1) - 1
+        expected = [ExpectedForward("policy", rows, positions, policy_has_grad)]
+        if not self.precompute_ref_logps:
+            expected.append(ExpectedForward("reference", rows, positions, requires_grad=False))
+        check_recorded_forwards("trl.DPOTrainer._compute_loss", fused_outputs, expected)
+
     def _preference_logps(self, inputs, fused_outputs: list[FusedCausalLMOutput]) -> PreferenceLogps:
-        expected = 1 if self.precompute_ref_logps else 2
-        if len(fused_outputs) != expected:
-            raise RuntimeError(
-                f"Expected {expected} fused forward passes from trl.DPOTrainer._compute_loss, saw "
-                f"{len(fused_outputs)}; this TRL version is not supported by trl_ext."
-            )
         completion_mask = inputs["completion_mask"][:, 1:]
         seq_len = completion_mask.size(1)
 

@@ -23,32 +23,14 @@ the trainer averages the losses, weights them by `loss_weights`, and logs each m
 unknown names.
 """
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from .losses import dpop_loss
-
-# The loss types `trl.DPOTrainer` computes itself (TRL 1.16); trl_ext passes these through untouched.
-TRL_DPO_LOSS_TYPES = (
-    "sigmoid",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sft",
-    "sigmoid_norm",
-)
-
+from .trl_contract import TRL_DPO_LOSS_TYPES
 
 @dataclass(frozen=True)
 class PreferenceLogps:
@@ -104,13 +86,15 @@ def register_dpo_loss(name: str) -> Callable[[PreferenceLossFn], PreferenceLossF
 
     The function receives a [`PreferenceLogps`] and the trainer's `DPOConfig` (subclass it to add hyperparameters)
     and returns `(B,)` per-pair losses or a [`PreferenceLossOutput`]. Names of TRL's own losses cannot be taken.
+    Registering a name again replaces the earlier function with a warning (re-running a notebook cell).
     """
     if name in TRL_DPO_LOSS_TYPES:
         raise ValueError(f"`{name}` is one of TRL's own DPO loss types and cannot be registered again.")
 
     def decorator(fn: PreferenceLossFn) -> PreferenceLossFn:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"A DPO loss named `{name}` is already registered ({_REGISTRY[name].__qualname__}).")
+            warnings.warn(f"Replacing the DPO loss `{name}` ({_REGISTRY[name].__qualname__}) with "
+                          f"{fn.__qualname__}.", stacklevel=2)
         _REGISTRY[name] = fn
         return fn
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from trl.trainer.utils import get_config_model_id
+from .trl_contract import get_config_model_id
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,235 @@
+"""Each TRL and transformers internal trl_ext relies on (`trl_ext.trl_contract`), checked on its own.
+
+When a TRL or transformers upgrade breaks one, the failing test's name says which assumption broke.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import trl
+from packaging.requirements import Requirement
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from trl_ext import trl_contract
+from trl_ext.trl_contract import (
+    PRIVATE_METHODS,
+    TRL_DPO_LOSS_TYPES,
+    TRL_SFT_LOSS_TYPES,
+    ExpectedForward,
+    FusedCausalLMOutput,
+    PrivateMethod,
+    TRLContractError,
+    add_fused_lm_head,
+    check_recorded_forwards,
+    create_reference_model,
+    record_fused_outputs,
+    use_adapter,
+)
+
+from .conftest import LORA, make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_supported_range_is_declared_once_in_pyproject():
+    """The range trl_ext enforces is the installed distribution's, i.e. pyproject's (reinstall if this fails)."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    declared = Requirement(re.search(r'^\s*"(trl[<>=!~ ].*?)"', pyproject, re.MULTILINE).group(1))
+    assert trl_contract.supported_trl_requirement() == declared
+
+
+def test_installed_trl_is_supported():
+    trl_contract.check_trl_version()
+
+
+def test_unsupported_trl_is_refused_naming_the_range(monkeypatch):
+    monkeypatch.delenv(trl_contract.ALLOW_UNSUPPORTED_ENV, raising=False)
+    with pytest.raises(ImportError, match=r"trl_ext supports `trl.*`, but trl 9\.0\.0 is installed.*"
+                                          r"TRL_EXT_ALLOW_UNSUPPORTED_TRL=1"):
+        trl_contract.check_trl_version("9.0.0")
+    monkeypatch.setenv(trl_contract.ALLOW_UNSUPPORTED_ENV, "1")
+    with pytest.warns(UserWarning, match="trl 9.0.0 is installed"):
+        trl_contract.check_trl_version("9.0.0")
+
+
+@pytest.mark.parametrize("method", PRIVATE_METHODS, ids=lambda m: f"{m.owner.__name__}.{m.name}")
+def test_private_method_keeps_its_signature(method):
+    assert method.problem() is None
+
+
+def test_changed_private_method_is_named():
+    renamed = PrivateMethod(trl.DPOTrainer, "_compute_loss_v2", ("self",))
+    assert renamed.problem() == "`DPOTrainer._compute_loss_v2` no longer exists"
+    reshaped = PrivateMethod(trl.DPOTrainer, "_compute_loss", ("self", "model", "inputs"))
+    assert "now takes ('self', 'model', 'inputs', 'return_outputs')" in reshaped.problem()
+
+
+def test_trl_dpo_loss_types_are_the_ones_trl_lists(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path, loss_type="no_such_loss"))
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    listed = str(error.value).split("Should be one of ")[1]
+    assert sorted(eval(listed)) == sorted(TRL_DPO_LOSS_TYPES)
+
+
+def test_trl_sft_loss_types_are_accepted_by_trl(tmp_path):
+    assert set(TRL_SFT_LOSS_TYPES) <= set(trl_contract.TRL_SFT_LOSS_CHOICES)
+    for loss_type in TRL_SFT_LOSS_TYPES:
+        assert make_config(trl.SFTConfig, tmp_path, loss_type=loss_type).loss_type == loss_type
+
+
+def test_fused_output_carries_log_probs_and_label_mask(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    add_fused_lm_head(model)
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    labels = input_ids.masked_fill(torch.tensor([[True, True, False, False]]), -100)
+    output = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
+    assert isinstance(output, FusedCausalLMOutput)
+    assert output.log_probs.shape == output.label_mask.shape == (1, 3)  # shifted: position t scores token t + 1
+    assert output.label_mask.tolist() == [[False, True, True]]
+    logits = model(input_ids=input_ids).logits.log_softmax(-1)
+    expected = logits[0, :-1].gather(1, input_ids[0, 1:, None]).squeeze(1) * output.label_mask[0]
+    torch.testing.assert_close(output.log_probs[0], expected)
+
+
+def _perturbed_peft_dpo_trainer(tiny_model_dir, preference_dataset, tmp_path, **trainer_kwargs):
+    trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path), peft_config=LORA, **trainer_kwargs)
+    with torch.no_grad():  # move the adapter away from zero, so that policy and reference differ
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)
+    return trainer
+
+
+def _batch(trainer, dataset, size: int = 4):
+    return trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(size)]))
+
+
+def test_dpo_forwards_policy_then_reference_on_chosen_then_rejected_rows(tiny_model_dir, preference_dataset,
+                                                                         tmp_path):
+    trainer = _perturbed_peft_dpo_trainer(tiny_model_dir, preference_dataset, tmp_path)
+    batch = _batch(trainer, preference_dataset)
+    trainer.model.train()
+    with record_fused_outputs(trainer.accelerator, trainer.model) as recorded:
+        trainer._compute_loss(trainer.model, batch, return_outputs=False)
+    assert len(recorded) == 2
+    policy, reference = recorded
+    assert policy.log_probs.requires_grad and not reference.log_probs.requires_grad
+    assert policy.log_probs.shape == reference.log_probs.shape == (8, batch["input_ids"].size(1) - 1)
+    # TRL's own metrics, read back from the rows: the first half is chosen, the second rejected
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    policy_logps, reference_logps = policy.log_probs.sum(1).detach(), reference.log_probs.sum(1)
+    assert metrics["logps/chosen"] == pytest.approx(policy_logps[:4].mean().item(), rel=1e-5)
+    assert metrics["logps/rejected"] == pytest.approx(policy_logps[4:].mean().item(), rel=1e-5)
+    rewards = trainer.beta * (policy_logps - reference_logps)
+    assert abs(rewards[:4].mean().item()) > 1e-4  # the perturbation shows
+    assert metrics["rewards/chosen"] == pytest.approx(rewards[:4].mean().item(), rel=1e-4)
+    assert metrics["rewards/rejected"] == pytest.approx(rewards[4:].mean().item(), rel=1e-4)
+
+
+def test_dpo_explicit_ref_model_runs_after_the_policy(tiny_model_dir, preference_dataset, tmp_path):
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trainer = trl.DPOTrainer(model=tiny_model_dir, ref_model=ref_model, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path))
+    batch = _batch(trainer, preference_dataset)
+    trainer.model.train()
+    with record_fused_outputs(trainer.accelerator, trainer.model, trainer.ref_model) as recorded:
+        trainer._compute_loss(trainer.model, batch, return_outputs=False)
+    assert [output.log_probs.requires_grad for output in recorded] == [True, False]
+
+
+def test_sft_compute_loss_runs_one_fused_forward_with_gradient(tiny_model_dir, preference_dataset, tmp_path):
+    dataset = preference_dataset.rename_column("chosen", "completion").remove_columns("rejected")
+    trainer = trl.SFTTrainer(model=tiny_model_dir, train_dataset=dataset, args=make_config(trl.SFTConfig, tmp_path))
+    batch = _batch(trainer, dataset)
+    trainer.model.train()
+    with record_fused_outputs(trainer.accelerator, trainer.model) as recorded:
+        loss = trainer.compute_loss(trainer.model, batch)
+    assert len(recorded) == 1 and recorded[0].log_probs.requires_grad
+    assert recorded[0].log_probs.shape == (4, batch["input_ids"].size(1) - 1)
+    # The loss TRL returns is the token mean of the recorded log-probs, on the completion labels
+    torch.testing.assert_close(recorded[0].label_mask, batch["labels"][:, 1:] != -100)
+    torch.testing.assert_close(loss, -recorded[0].log_probs.sum() / recorded[0].label_mask.sum())
+
+
+def test_use_adapter_none_disables_the_adapter_and_a_name_selects_it(tiny_model_dir):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        base_logits = base(input_ids=input_ids).logits
+        model = get_peft_model(base, LORA)
+        model.add_adapter("ref", model.peft_config["default"])
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                parameter.add_(0.1)
+        adapted = model(input_ids=input_ids).logits
+        with use_adapter(model, adapter_name=None):
+            disabled = model(input_ids=input_ids).logits
+        with use_adapter(model, adapter_name="ref"):  # a fresh adapter: zero B, the base model
+            ref = model(input_ids=input_ids).logits
+        restored = model(input_ids=input_ids).logits
+    torch.testing.assert_close(disabled, base_logits)
+    torch.testing.assert_close(ref, base_logits)
+    assert not torch.allclose(adapted, base_logits)
+    torch.testing.assert_close(restored, adapted)
+
+
+def test_create_reference_model_is_a_frozen_copy(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reference = create_reference_model(model)
+    assert reference is not model
+    assert not any(parameter.requires_grad for parameter in reference.parameters())
+    for (name, parameter), (_, copied) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(parameter, copied) and parameter.data_ptr() != copied.data_ptr(), name
+
+
+def test_signature_columns_list_what_the_trainer_keeps(tiny_model_dir, preference_dataset, tmp_path):
+    dataset = preference_dataset.rename_column("chosen", "completion").remove_columns("rejected")
+    trainer = trl.SFTTrainer(model=tiny_model_dir, train_dataset=dataset, args=make_config(trl.SFTConfig, tmp_path))
+    trainer._signature_columns = None
+    trainer._set_signature_columns_if_needed()
+    assert isinstance(trainer._signature_columns, list) and "input_ids" in trainer._signature_columns
+
+
+def test_trainer_leaves_gradient_accumulation_to_a_loss_scaled_by_num_items():
+    # trl_ext's per-micro-batch means are divided by the accumulation steps exactly when the Trainer does not
+    assert hasattr(transformers.Trainer, "loss_is_scaled_for_ga")
+    assert "loss_is_scaled_for_ga" in transformers.Trainer.training_step.__code__.co_names
+
+
+def test_trl_logs_the_mean_of_each_metric_list(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path))
+    trainer.model.train()
+    trainer._metrics["train"]["custom/value"].extend([1.0, 2.0, 6.0])
+    trainer.log({"loss": 0.5})
+    assert trainer.state.log_history[-1]["custom/value"] == pytest.approx(3.0)
+    assert not trainer._metrics["train"]  # cleared after logging
+
+
+def _fused(shape, requires_grad=False):
+    log_probs = torch.zeros(shape, requires_grad=requires_grad)
+    return FusedCausalLMOutput(log_probs=log_probs, label_mask=torch.ones(shape, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(
+    ("recorded", "message"),
+    [
+        ([_fused((8, 5), True)], r"expected to run 2 fused forward\(s\) \(policy, reference\), but ran 1"),
+        ([_fused((8, 5), True), _fused((4, 5))], r"forward 2 \(reference\) has log-probs of shape \(4, 5\), "
+                                                 r"expected \(8, >= 5\)"),
+        ([_fused((8, 5)), _fused((8, 5))], r"forward 1 \(policy\) has no gradient"),
+        ([_fused((8, 5), True), _fused((8, 5), True)], r"forward 2 \(reference\) has gradient"),
+    ],
+    ids=["count", "shape", "policy_without_gradient", "reference_with_gradient"],
+)
+def test_recorded_forwards_are_verified(recorded, message):
+    expected = [ExpectedForward("policy", 8, 5, True), ExpectedForward("reference", 8, 5, False)]
+    with pytest.raises(TRLContractError, match=message):
+        check_recorded_forwards("trl.DPOTrainer._compute_loss", recorded, expected)

@@ -1,0 +1,203 @@
+"""Every TRL and transformers internal trl-ext relies on, named and checked in one place.
+
+trl-ext subclasses TRL's trainers instead of forking them, so it leans on a few things TRL does not promise to keep:
+private methods it overrides, the layout of the fused-LM-head forwards it records, helpers under
+`trl.experimental`, and transformers' `_signature_columns`. They are all imported or described here. Importing
+`trl_ext` under a TRL release outside the range `pyproject.toml` declares raises an error (set
+`TRL_EXT_ALLOW_UNSUPPORTED_TRL=1` to go on at your own risk), and an overridden private method that changed shape
+raises at import whatever the version. `tests/test_trl_contract.py` checks each assumption on its own, so an upgrade
+that breaks one fails there, by name.
+"""
+
+import contextlib
+import importlib.metadata
+import inspect
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import transformers
+import trl
+from accelerate import Accelerator
+from packaging.requirements import Requirement
+from packaging.version import Version
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+# The helpers trl_ext calls. `trl.experimental` promises no stability (hence its warning, silenced here: the contract
+# tests guard what trl_ext uses of it); the others are undocumented utilities.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*trl.experimental")
+    from trl.experimental.utils import create_reference_model  # noqa: F401  (a frozen copy of the policy)
+from trl.models.utils import disable_gradient_checkpointing  # noqa: F401  (no-grad passes under checkpointing)
+from trl.trainer.utils import (  # noqa: F401
+    FusedCausalLMOutput,  # what a forward with `fused_lm_head=True` returns
+    add_fused_lm_head,  # patches `forward` to take `fused_lm_head=True`
+    get_config_model_id,  # the default `output_dir` name, as TRL's trainers build it
+    use_adapter,  # activates a named PEFT adapter (`None`: adapters disabled) for one forward
+)
+
+ALLOW_UNSUPPORTED_ENV = "TRL_EXT_ALLOW_UNSUPPORTED_TRL"
+
+# The loss types `trl.DPOTrainer` computes itself; trl_ext passes these through untouched. TRL lists them only in
+# `_compute_loss`'s error message, which a contract test compares with this tuple.
+TRL_DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)
+# `trl.SFTConfig.loss_type`'s argparse choices (`chunked_nll` is a deprecated alias TRL maps to `nll`)
+TRL_SFT_LOSS_CHOICES = tuple(trl.SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
+TRL_SFT_LOSS_TYPES = ("nll", "dft")
+
+
+def supported_trl_requirement() -> Requirement:
+    """The `trl` requirement of the installed trl-ext distribution: the range declared once, in `pyproject.toml`."""
+    try:
+        requirements = importlib.metadata.requires("trl-ext") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError("trl_ext is not installed; install it with `pip install -e .` from its checkout.") from None
+    return next(Requirement(line) for line in requirements if Requirement(line).name == "trl")
+
+
+def check_trl_version(version: str = trl.__version__) -> None:
+    """Raises if `version` is outside the supported range, unless `TRL_EXT_ALLOW_UNSUPPORTED_TRL=1` (then warns)."""
+    requirement = supported_trl_requirement()
+    if requirement.specifier.contains(Version(version), prereleases=True):
+        return
+    message = (
+        f"trl_ext supports `{requirement}`, but trl {version} is installed. Install a supported release "
+        f"(`pip install '{requirement}'`), or set {ALLOW_UNSUPPORTED_ENV}=1 to proceed at your own risk: trl_ext "
+        "checks what it records from TRL's forwards and raises rather than train on the wrong tensors."
+    )
+    if os.environ.get(ALLOW_UNSUPPORTED_ENV) == "1":
+        warnings.warn(message, stacklevel=2)
+        return
+    raise ImportError(message)
+
+
+@dataclass(frozen=True)
+class PrivateMethod:
+    """A private method trl_ext overrides or calls: if TRL renames it, an override would silently never run."""
+
+    owner: type
+    name: str
+    parameters: tuple[str, ...]
+
+    def problem(self) -> str | None:
+        method = getattr(self.owner, self.name, None)
+        if method is None:
+            return f"`{self.owner.__qualname__}.{self.name}` no longer exists"
+        parameters = tuple(inspect.signature(method).parameters)
+        if parameters != self.parameters:
+            return f"`{self.owner.__qualname__}.{self.name}{parameters}` now takes {parameters}, not {self.parameters}"
+        return None
+
+
+PRIVATE_METHODS = (
+    # trl_ext.DPOTrainer computes its losses around TRL's private loss, and checks datasets before TRL prepares them
+    PrivateMethod(trl.DPOTrainer, "_compute_loss", ("self", "model", "inputs", "return_outputs")),
+    PrivateMethod(trl.DPOTrainer, "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name")),
+    # trl_ext.SFTTrainer maps preference datasets to completions before TRL prepares them
+    PrivateMethod(trl.SFTTrainer, "_prepare_dataset",
+                  ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")),
+    # ...keeps its precomputed reference column through transformers' column pruning (`_signature_columns`)
+    PrivateMethod(transformers.Trainer, "_set_signature_columns_if_needed", ("self",)),
+    # ...and moves the batches of its reference precompute to the device as the Trainer does
+    PrivateMethod(transformers.Trainer, "_prepare_inputs", ("self", "inputs")),
+)
+
+
+def check_private_methods() -> None:
+    problems = [problem for method in PRIVATE_METHODS if (problem := method.problem()) is not None]
+    if problems:
+        raise ImportError(
+            f"trl_ext cannot work with trl {trl.__version__} / transformers {transformers.__version__}: "
+            + "; ".join(problems) + f". Supported: `{supported_trl_requirement()}`."
+        )
+
+
+def default_bf16_to_what_the_machine_supports(args) -> None:
+    """TRL's configs turn `bf16=None` into `True`, which transformers then refuses on a machine without bf16 support;
+    leave an unset `bf16` off there, so the same script runs on a CPU. An explicit `bf16=True` is left to fail."""
+    if args.bf16 is None and not args.fp16 and not args.use_cpu:
+        if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            args.bf16 = False
+
+
+def loss_is_scaled_for_gradient_accumulation(trainer: transformers.Trainer, num_items_in_batch) -> bool:
+    """Whether `Trainer.training_step` leaves gradient accumulation to the loss instead of dividing it by the number of
+    accumulation steps (`loss_is_scaled_for_ga`: when the loss is normalised by `num_items_in_batch`)."""
+    if trainer.loss_is_scaled_for_ga is not None:
+        return trainer.loss_is_scaled_for_ga
+    return (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+
+
+@contextlib.contextmanager
+def record_fused_outputs(accelerator: Accelerator, *models: torch.nn.Module) -> Iterator[list[FusedCausalLMOutput]]:
+    """Collects, in call order, the `FusedCausalLMOutput` of every forward of `models` while the context is open.
+
+    TRL's trainers call `model(..., fused_lm_head=True)` inside private loss code and keep the per-token log-probs to
+    themselves; a forward hook hands trl_ext the same tensors, with their autograd graph, at no extra cost. Each model
+    is hooked once, on its innermost module: DDP, DeepSpeed and FSDP wrappers call that module (FSDP2 patches it in
+    place), so every forward is recorded exactly once whichever of a wrapper or its module TRL calls.
+    """
+    outputs: list[FusedCausalLMOutput] = []
+
+    def record(module, args, output):
+        if isinstance(output, FusedCausalLMOutput):
+            outputs.append(output)
+
+    modules = {id(module): module for module in (accelerator.unwrap_model(model) for model in models)}
+    handles = [module.register_forward_hook(record) for module in modules.values()]
+    try:
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass(frozen=True)
+class ExpectedForward:
+    """One fused forward trl_ext expects TRL to run: its role, rows, label positions, and whether it has gradient."""
+
+    role: str
+    rows: int
+    positions: int  # `log_probs.size(1)` may exceed it (prompt-learning PEFT's virtual tokens), never fall short
+    requires_grad: bool
+
+
+class TRLContractError(RuntimeError):
+    """TRL did not run the forwards trl_ext records its losses from; computing on them would give wrong numbers."""
+
+
+def check_recorded_forwards(
+    caller: str, recorded: list[FusedCausalLMOutput], expected: list[ExpectedForward]
+) -> None:
+    """Raises a `TRLContractError` naming what differs if `recorded` is not the `expected` sequence of forwards."""
+
+    def fail(what: str) -> None:
+        raise TRLContractError(
+            f"{caller} was expected to run {len(expected)} fused forward(s) "
+            f"({', '.join(forward.role for forward in expected)}), but {what}. trl_ext records its losses from these "
+            f"forwards and stops rather than compute on the wrong tensors. Installed: trl {trl.__version__}, "
+            f"transformers {transformers.__version__}; supported: `{supported_trl_requirement()}`."
+        )
+
+    if len(recorded) != len(expected):
+        fail(f"ran {len(recorded)}")
+    for index, (output, forward) in enumerate(zip(recorded, expected, strict=True)):
+        log_probs = output.log_probs
+        where = f"forward {index + 1} ({forward.role})"
+        if log_probs is None or log_probs.dim() != 2:
+            fail(f"{where} returned no `(batch, positions)` log-probs")
+        if log_probs.size(0) != forward.rows or log_probs.size(1) < forward.positions:
+            fail(f"{where} has log-probs of shape {tuple(log_probs.shape)}, expected ({forward.rows}, "
+                 f">= {forward.positions})")
+        if log_probs.requires_grad != forward.requires_grad:
+            fail(f"{where} {'has' if log_probs.requires_grad else 'has no'} gradient")
+
+
+# Checked at import: an override that silently never runs is the worst way for an upgrade to break trl_ext.
+check_trl_version()
+check_private_methods()
