@@ -107,7 +107,7 @@ def ift_compute_loss(trainer, model, inputs, return_outputs: bool, num_items_in_
                             [ExpectedForward("policy on the mixed inputs", rows, positions, has_grad)])
     mask, token_nll = rows_per_sequence(inputs, fused_outputs[0].label_mask, -fused_outputs[0].log_probs)
     per_sequence = losses.ift_loss(token_nll, mask, trainer.args.ift_gamma, trainer.args.ift_detach_weights)
-    loss = per_sequence.mean() / trainer.accumulation_divisor(num_items_in_batch)
+    loss = trainer.batch_mean(per_sequence) / trainer.accumulation_divisor(num_items_in_batch)
     trainer.log_means({
         "ift/lambda": torch.tensor([ift_lambda], device=mask.device),
         "ift/nll_teacher_forced": losses.sequence_mean(teacher_forced_nll, teacher_forced_mask),

@@ -274,7 +274,7 @@ class SFTTrainer(trl.SFTTrainer):
         mask, policy_token_logps, ref_token_logps = rows_per_sequence(inputs, mask, policy_token_logps,
                                                                       ref_token_logps)
         penalty = KL_PENALTIES[self.args.kl_penalty](policy_token_logps, ref_token_logps, mask)
-        loss = loss + self.args.kl_coef * penalty.mean() / self.accumulation_divisor(num_items_in_batch)
+        loss = loss + self.args.kl_coef * self.batch_mean(penalty) / self.accumulation_divisor(num_items_in_batch)
         self.log_means({
             "kl/penalty": penalty,
             "logps/policy": losses.sequence_mean(policy_token_logps, mask),
@@ -289,6 +289,16 @@ class SFTTrainer(trl.SFTTrainer):
         if loss_is_scaled_for_gradient_accumulation(self, num_items_in_batch):
             return self.current_gradient_accumulation_steps
         return 1
+
+    def batch_mean(self, per_sequence: torch.Tensor) -> torch.Tensor:
+        """The mean of `per_sequence` `(S,)` over this batch, or, with `average_tokens_across_devices`, over the
+        sequences of every process: scaled so that DDP's average of the gradients is the global mean even when the
+        processes hold different numbers of sequences (packed rows)."""
+        processes = self.accelerator.num_processes
+        if not self.args.average_tokens_across_devices or processes == 1:
+            return per_sequence.mean()
+        count = torch.tensor(per_sequence.numel(), device=per_sequence.device)
+        return per_sequence.sum() * processes / self.accelerator.gather(count).sum().clamp(min=1)
 
     def log_means(self, values: dict[str, torch.Tensor]) -> None:
         """Logs the mean of each per-sequence tensor over the batch and the processes."""

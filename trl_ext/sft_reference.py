@@ -74,7 +74,7 @@ def precompute_reference_logps(trainer) -> None:
 
 
 def _with_reference_logps(trainer, dataset: Dataset) -> Dataset:
-    """`dataset` with a `ref_token_logps` column: each example's reference log-probs, aligned with its shifted labels."""
+    """`dataset` with a `ref_token_logps` column: each example's reference log-probs, aligned with its labels."""
     if not isinstance(dataset, Dataset):
         raise ValueError("`precompute_ref_log_probs=True` needs map-style datasets, not an `IterableDataset`.")
     inputs_only = dataset.select_columns([name for name in ("input_ids", "labels") if name in dataset.column_names])

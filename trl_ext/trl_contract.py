@@ -130,11 +130,14 @@ def loss_is_scaled_for_gradient_accumulation(trainer: transformers.Trainer, num_
     accumulation steps (`loss_is_scaled_for_ga`: when the loss is normalised by `num_items_in_batch`)."""
     if trainer.loss_is_scaled_for_ga is not None:
         return trainer.loss_is_scaled_for_ga
-    return (trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or trainer.compute_loss_func is not None
+    scaled_by_num_items = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
+    return scaled_by_num_items or trainer.compute_loss_func is not None
 
 
 @contextlib.contextmanager
-def record_fused_outputs(accelerator: Accelerator, *models: torch.nn.Module) -> Iterator[list[FusedCausalLMOutput]]:
+def record_fused_outputs(
+    accelerator: Accelerator, *models: torch.nn.Module
+) -> Iterator[list[FusedCausalLMOutput]]:
     """Collects, in call order, the `FusedCausalLMOutput` of every forward of `models` while the context is open.
 
     TRL's trainers call `model(..., fused_lm_head=True)` inside private loss code and keep the per-token log-probs to
