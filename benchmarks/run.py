@@ -282,7 +282,7 @@ def main(args) -> list[dict]:
     return results
 
 
-def parse_args(argv=None):
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
     parser.add_argument("--models", nargs="+", default=["tiny", "embedded"], choices=["tiny", "embedded"])

@@ -9,7 +9,7 @@ python recipes/dpo.py --config recipes/configs/dpop_smollm2.yaml
 
 # the same on another model and dataset
 accelerate launch recipes/dpo.py --config recipes/configs/dpop_smollm2.yaml \
-    --model_name_or_path Qwen/Qwen2-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized --bf16
+    --model_name_or_path Qwen/Qwen2-0.5B-Instruct --dataset_name trl-lib/ultrafeedback_binarized --bf16 true
 ```
 
 `--dataset_name` takes a hub dataset or a local `.json`/`.jsonl` file of `prompt`/`chosen`/`rejected` objects;
@@ -44,7 +44,10 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
     return trainer
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, DPOConfig, ModelConfig]:
+    """The arguments `main` takes, from `argv` (default: the command line): `python recipes/dpo.py ARGV`."""
+    return TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(args=argv)
+
+
 if __name__ == "__main__":
-    parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config()
-    main(script_args, training_args, model_args)
+    main(*parse_args())

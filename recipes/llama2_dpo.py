@@ -56,6 +56,12 @@ def main(data_args: DPODataArguments, training_args: DPOConfig, model_args: Mode
     return trainer
 
 
-if __name__ == "__main__":
+def parse_args(argv: list[str] | None = None) -> tuple[DPODataArguments, DPOConfig, ModelConfig]:
+    """The arguments `main` takes, from `argv` (default: the command line) read over `configs/llama2_dpo.yaml` unless
+    `argv` names a `--config`: `accelerate launch recipes/llama2_dpo.py ARGV`."""
     parser = TrlParser((DPODataArguments, DPOConfig, ModelConfig))
-    main(*parser.parse_args_and_config(args=with_default_config(None, "llama2_dpo.yaml")))
+    return parser.parse_args_and_config(args=with_default_config(argv, "llama2_dpo.yaml"))
+
+
+if __name__ == "__main__":
+    main(*parse_args())

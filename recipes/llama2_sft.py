@@ -5,8 +5,11 @@ copy of the base for DPO (TRL's former `stack_llama_2` example on trl_ext's SFTT
 accelerate launch recipes/llama2_sft.py                        # the published setup: Llama-2-7B, 4-bit, one GPU
 accelerate launch recipes/llama2_sft.py --loss_type kl_sft     # KL-SFT; the reference: the adapter disabled
 accelerate launch recipes/llama2_sft.py --loss_type ift        # IFT
-accelerate launch recipes/llama2_sft.py --model_name_or_path embedded:smollm2-135m-instruct \
-    --dataset_name recipes/data/stack_exchange_sample ...      # offline, see the README
+# offline on CPU (the README has the whole pipeline): the embedded model and the shipped sample, 4-bit + LoRA
+accelerate launch --cpu recipes/llama2_sft.py --model_name_or_path embedded:smollm2-135m-instruct \
+    --dataset_name recipes/data/stack_exchange_sample --bf16 false --dtype float32 --optim adamw_torch \
+    --warmup_steps 0 --max_steps 10 --gradient_accumulation_steps 1 --max_length 256 --learning_rate 1e-3 \
+    --output_dir outputs/se-sft
 ```
 
 Reads `recipes/configs/llama2_sft.yaml` unless `--config` names another file; every field is also a flag.
@@ -55,6 +58,12 @@ def main(data_args: SFTDataArguments, training_args: SFTConfig, model_args: Mode
     return trainer
 
 
-if __name__ == "__main__":
+def parse_args(argv: list[str] | None = None) -> tuple[SFTDataArguments, SFTConfig, ModelConfig]:
+    """The arguments `main` takes, from `argv` (default: the command line) read over `configs/llama2_sft.yaml` unless
+    `argv` names a `--config`: `accelerate launch recipes/llama2_sft.py ARGV`."""
     parser = TrlParser((SFTDataArguments, SFTConfig, ModelConfig))
-    main(*parser.parse_args_and_config(args=with_default_config(None, "llama2_sft.yaml")))
+    return parser.parse_args_and_config(args=with_default_config(argv, "llama2_sft.yaml"))
+
+
+if __name__ == "__main__":
+    main(*parse_args())

@@ -37,6 +37,16 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str = "bfloat16") ->
     return output_dir
 
 
+def main(merge_args: MergeArguments) -> str:
+    output_dir = merge_adapter(merge_args.adapter_dir, merge_args.output_dir, merge_args.dtype)
+    print(f"Merged model saved to {output_dir}.")
+    return output_dir
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[MergeArguments]:
+    """The arguments `main` takes, from `argv` (default: the command line): `python recipes/merge_adapter.py ARGV`."""
+    return TrlParser((MergeArguments,)).parse_args_and_config(args=argv)
+
+
 if __name__ == "__main__":
-    (merge_args,) = TrlParser((MergeArguments,)).parse_args_and_config()
-    print(f"Merged model saved to {merge_adapter(merge_args.adapter_dir, merge_args.output_dir, merge_args.dtype)}.")
+    main(*parse_args())

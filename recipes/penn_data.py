@@ -86,11 +86,15 @@ def generate(seed: int = 0, train_size: int = TRAIN_SIZE, test_size: int = TEST_
     return {"train": rows[:train_size], "test": rows[train_size:]}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace]:
+    """The arguments `main` takes, from `argv` (default: the command line): `python recipes/penn_data.py ARGV`."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / "data" / "penn"))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return (parser.parse_args(argv),)
+
+
+def main(args: argparse.Namespace) -> None:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in generate(args.seed).items():
@@ -100,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(*parse_args())

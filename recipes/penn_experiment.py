@@ -429,6 +429,10 @@ def main(args: PennArguments) -> dict:
     return summary
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[PennArguments]:
+    """The arguments `main` takes, from `argv` (default: the command line): `python recipes/penn_experiment.py ARGV`."""
+    return TrlParser((PennArguments,)).parse_args_and_config(args=argv)
+
+
 if __name__ == "__main__":
-    (penn_args,) = TrlParser((PennArguments,)).parse_args_and_config()
-    main(penn_args)
+    main(*parse_args())

@@ -9,9 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from trl import ModelConfig, ScriptArguments, TrlParser
-
-from trl_ext import DPOConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +21,8 @@ def load_recipe(name: str):
 
 
 def parse(args: list[str]):
-    return TrlParser((ScriptArguments, DPOConfig, ModelConfig)).parse_args_and_config(args=args)
+    """What `python recipes/dpo.py ARGS` passes to `main`."""
+    return load_recipe("dpo").parse_args(args)
 
 
 def test_dpo_recipe_on_tiny_model(tiny_model_dir, tmp_path):
@@ -82,6 +80,7 @@ def _run_dpo_recipe(launcher: list[str], model_dir: str, output_dir: Path, batch
     return [entry for entry in state["log_history"] if "loss" in entry]
 
 
+@pytest.mark.e2e
 def test_dpop_two_process_data_parallel_matches_single_process(tiny_model_dir, tmp_path):
     """2 ranks x 4 pairs see the same global batch as 1 rank x 8: same metrics, averaged across ranks."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch",
