@@ -7,6 +7,8 @@ python benchmarks/run.py                                        # tiny + embedde
 ```
 
 For each configuration (family x model x sequence length x reference setup):
+- **FLOPs**: of one training step (forward and backward), counted by `torch.utils.flop_counter`; deterministic, so a
+  change that adds a forward shows in the ratio exactly, never hidden in timing noise;
 - **step time**: one process builds every contender and steps them in alternation, rotating the order each round;
   the median optimizer-step time (forward, backward, optimizer step) after the warm-up rounds;
 - **peak memory**: one fresh process per contender; CPU: the process's peak RSS, GPU:
@@ -153,10 +155,28 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def step_flops(step) -> int:
+    """FLOPs of one call of `step` (matrix products and attention: what `torch.utils.flop_counter` counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def flop_ratios(steps: dict) -> dict[str, dict]:
+    """Each contender's FLOPs for one step on the same batch, and their ratio to the first (the baseline)'s."""
+    flops = {name: step_flops(step) for name, step in steps.items()}
+    baseline = flops[next(iter(flops))]
+    return {name: {"flops": value, "flop_ratio": value / baseline} for name, value in flops.items()}
+
+
 def time_worker(family, model, seq_len, setup, args) -> dict:
-    """Per contender: the median step time, and the median over rounds of its step time divided by the baseline's in
-    the same round. The paired ratio cancels what drifts between rounds (other load, clock changes)."""
+    """Per contender: the FLOPs of a step, the median step time, and the median over rounds of its step time divided
+    by the baseline's in the same round. The paired ratio cancels what drifts between rounds (other load, clock
+    changes)."""
     steps = {name: make_step(build_trainer(family, name, model, seq_len, setup, args)) for name in CONTENDERS[family]}
+    flops = flop_ratios(steps)  # first, so every contender counts the same batch
     names = list(steps)
     times = {name: [] for name in names}
     for round_index in range(args.warmup + args.steps):
@@ -169,7 +189,7 @@ def time_worker(family, model, seq_len, setup, args) -> dict:
             if round_index >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     baseline = times[names[0]]
-    return {name: {"step_s": statistics.median(values),
+    return {name: {**flops[name], "step_s": statistics.median(values),
                    "step_ratio": statistics.median(t / b for t, b in zip(values, baseline)),
                    "round_s": values}
             for name, values in times.items()}
@@ -223,13 +243,14 @@ def markdown(results: list[dict], info: dict, args) -> str:
         f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; step time: median "
         f"of {args.steps} steps after {args.warmup} warm-up; peak memory: over {args.memory_steps} steps.",
         "",
-        "| family | model | seq | setup | contender | step s | step ratio | peak MiB | memory ratio | target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| family | model | seq | setup | contender | GFLOP/step | FLOP ratio | step s | step ratio | peak MiB | "
+        "memory ratio | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results:
         lines.append(
             f"| {row['family']} | {row['model']} | {row['seq_len']} | {row['setup']} | {row['contender']} | "
-            f"{row['step_s']:.3f} | {row['step_ratio']:.3f} | {row['peak_mib']:.0f} | {row['memory_ratio']:.3f} | "
+            f"{row['flops'] / 1e9:.2f} | {row['flop_ratio']:.3f} | {row['step_s']:.3f} | {row['step_ratio']:.3f} | {row['peak_mib']:.0f} | {row['memory_ratio']:.3f} | "
             f"{row['target']} |"
         )
     return "\n".join(lines) + "\n"

@@ -1,5 +1,6 @@
 """`benchmarks/run.py --smoke`: the output's structure, not its numbers."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,8 +25,33 @@ def test_benchmark_smoke_run_writes_complete_results(tmp_path):
     ]
     for row in rows:
         assert row["step_s"] > 0 and row["peak_mib"] > 0
-        assert row["step_ratio"] > 0 and row["memory_ratio"] > 0
+        assert row["step_ratio"] > 0 and row["memory_ratio"] > 0 and row["flops"] > 0 and row["flop_ratio"] >= 1
     assert rows[0]["step_ratio"] == rows[0]["memory_ratio"] == 1.0  # the baseline divides by itself
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert table[2].startswith("| family | model | seq | setup | contender | step s | step ratio")
+    assert table[2].startswith("| family | model | seq | setup | contender | GFLOP/step | FLOP ratio | step s |")
     assert len([line for line in table if line.startswith("| dpo") or line.startswith("| sft")]) == 11
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_run", ROOT / "benchmarks/run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("family", "setup"), [("dpo", "peft"), ("dpo", "precomputed"), ("sft", "peft")])
+def test_flops_of_a_step_against_trl(tmp_path, family, setup):
+    """Exact counts: a change that adds a forward to a trl_ext loss fails here instead of hiding in timing noise."""
+    benchmark = load_benchmark()
+    args = benchmark.parse_args(["--smoke", "--cache", str(tmp_path)])
+    steps = {name: benchmark.make_step(benchmark.build_trainer(family, name, "tiny", 128, setup, args))
+             for name in benchmark.CONTENDERS[family]}
+    ratios = {name: row["flop_ratio"] for name, row in benchmark.flop_ratios(steps).items()}
+    if family == "dpo":  # the same two forwards TRL runs (one with precomputed reference log-probs), nothing more
+        assert ratios == {"trl sigmoid": 1.0, "trl sigmoid A/A": 1.0, "trl_ext sigmoid": 1.0, "dpop": 1.0,
+                          "dpop_norm": 1.0}
+        return
+    assert ratios["trl nll A/A"] == ratios["kl_sft precomputed"] == 1.0  # no reference forward while training
+    # One extra forward without gradient: a third of a forward + backward (IFT's first pass skips the prompt's LM head)
+    assert 1.25 < ratios["kl_sft"] < 1.5
+    assert 1.15 < ratios["ift greedy"] <= ratios["ift soft"] < 1.5
