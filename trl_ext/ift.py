@@ -6,13 +6,12 @@ NLL, weighted by relation propagation, is the loss.
 """
 
 import torch
-import trl
 from accelerate.utils import is_peft_model
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
 from . import losses
 from .packed import rows_per_sequence
-from .trl_contract import ExpectedForward, check_recorded_forwards, disable_gradient_checkpointing, record_fused_outputs
+from .trl_contract import disable_gradient_checkpointing
 
 # Rows of (positions x vocabulary) logits the first pass holds at once
 PREDICTION_CHUNK = 256
@@ -99,13 +98,8 @@ def ift_compute_loss(trainer, model, inputs, return_outputs: bool, num_items_in_
     mixed_inputs["inputs_embeds"] = losses.ift_mix_embeddings(token_embeds, predicted_embeds, mix_mask, ift_lambda)
 
     # TRL's forward on the mixed inputs gives the per-token log-probs and its own metrics; IFT replaces its loss.
-    has_grad = torch.is_grad_enabled()
-    with record_fused_outputs(trainer.accelerator, model) as fused_outputs:
-        result = trl.SFTTrainer.compute_loss(trainer, model, mixed_inputs, return_outputs, num_items_in_batch)
-    rows, positions = inputs["input_ids"].size(0), inputs["input_ids"].size(1) - 1
-    check_recorded_forwards("trl.SFTTrainer.compute_loss", fused_outputs,
-                            [ExpectedForward("policy on the mixed inputs", rows, positions, has_grad)])
-    mask, token_nll = rows_per_sequence(inputs, fused_outputs[0].label_mask, -fused_outputs[0].log_probs)
+    result, fused_output = trainer.trl_compute_loss(model, mixed_inputs, return_outputs, num_items_in_batch)
+    mask, token_nll = rows_per_sequence(inputs, fused_output.label_mask, -fused_output.log_probs)
     per_sequence = losses.ift_loss(token_nll, mask, trainer.args.ift_gamma, trainer.args.ift_detach_weights)
     loss = trainer.batch_mean(per_sequence) / trainer.accumulation_divisor(num_items_in_batch)
     trainer.log_means({

@@ -258,14 +258,9 @@ class SFTTrainer(trl.SFTTrainer):
     def _kl_sft_loss(self, model, inputs, return_outputs, num_items_in_batch):
         inputs = dict(inputs)
         precomputed = inputs.pop("ref_token_logps", None)
-        has_grad = torch.is_grad_enabled()
-        with record_fused_outputs(self.accelerator, model) as fused_outputs:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        result, fused_output = self.trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
-        rows, positions = inputs["input_ids"].size(0), inputs["input_ids"].size(1) - 1
-        check_recorded_forwards("trl.SFTTrainer.compute_loss", fused_outputs,
-                                [ExpectedForward("policy", rows, positions, has_grad)])
-        policy_token_logps, mask = fused_outputs[0].log_probs, fused_outputs[0].label_mask
+        policy_token_logps, mask = fused_output.log_probs, fused_output.label_mask
         ref_token_logps = precomputed if precomputed is not None else reference_token_logps(self, inputs)
         # The NLL term as TRL reduces it: a mean over every target token of the batch, on all processes
         mode = "train" if self.model.training else "eval"
@@ -282,6 +277,17 @@ class SFTTrainer(trl.SFTTrainer):
         })
         self._metrics[mode]["kl/nll"].append((nll_sum / num_tokens).item())
         return (loss, outputs) if return_outputs else loss
+
+    def trl_compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """TRL's `compute_loss` on `inputs` (token ids or IFT's mixed embeddings), and the fused output of the policy forward it
+        runs, checked against the contract: one forward over the batch's rows, with gradient when it is enabled."""
+        has_grad = torch.is_grad_enabled()
+        with record_fused_outputs(self.accelerator, model) as fused_outputs:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        rows, positions = inputs["labels"].shape
+        check_recorded_forwards("trl.SFTTrainer.compute_loss", fused_outputs,
+                                [ExpectedForward("policy", rows, positions - 1, has_grad)])
+        return result, fused_outputs[0]
 
     def accumulation_divisor(self, num_items_in_batch) -> int:
         """What a per-micro-batch mean is divided by: the accumulation steps when the Trainer leaves gradient
