@@ -4,6 +4,7 @@
 python benchmarks/run.py --smoke                                # tiny model, seq 128: under a minute
 python benchmarks/run.py --models embedded --seq_lens 512       # the published target setting
 python benchmarks/run.py                                        # tiny + embedded, seq 128 / 512 / 1024
+python benchmarks/run.py --flops_only                           # FLOP counts only: minutes, not hours
 ```
 
 For each configuration (family x model x sequence length x reference setup):
@@ -171,11 +172,19 @@ def flop_ratios(steps: dict) -> dict[str, dict]:
     return {name: {"flops": value, "flop_ratio": value / baseline} for name, value in flops.items()}
 
 
+def contender_steps(family, model, seq_len, setup, args) -> dict:
+    return {name: make_step(build_trainer(family, name, model, seq_len, setup, args)) for name in CONTENDERS[family]}
+
+
+def flops_worker(family, model, seq_len, setup, args) -> dict:
+    return flop_ratios(contender_steps(family, model, seq_len, setup, args))
+
+
 def time_worker(family, model, seq_len, setup, args) -> dict:
     """Per contender: the FLOPs of a step, the median step time, and the median over rounds of its step time divided
     by the baseline's in the same round. The paired ratio cancels what drifts between rounds (other load, clock
     changes)."""
-    steps = {name: make_step(build_trainer(family, name, model, seq_len, setup, args)) for name in CONTENDERS[family]}
+    steps = contender_steps(family, model, seq_len, setup, args)
     flops = flop_ratios(steps)  # first, so every contender counts the same batch
     names = list(steps)
     times = {name: [] for name in names}
@@ -247,10 +256,14 @@ def markdown(results: list[dict], info: dict, args) -> str:
         "memory ratio | target |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    def cell(row, key, spec):  # `--flops_only` rows have no time or memory
+        return format(row[key], spec) if key in row else "-"
+
     for row in results:
         lines.append(
             f"| {row['family']} | {row['model']} | {row['seq_len']} | {row['setup']} | {row['contender']} | "
-            f"{row['flops'] / 1e9:.2f} | {row['flop_ratio']:.3f} | {row['step_s']:.3f} | {row['step_ratio']:.3f} | {row['peak_mib']:.0f} | {row['memory_ratio']:.3f} | "
+            f"{row['flops'] / 1e9:.2f} | {row['flop_ratio']:.3f} | {cell(row, 'step_s', '.3f')} | "
+            f"{cell(row, 'step_ratio', '.3f')} | {cell(row, 'peak_mib', '.0f')} | {cell(row, 'memory_ratio', '.3f')} | "
             f"{row['target']} |"
         )
     return "\n".join(lines) + "\n"
@@ -258,7 +271,7 @@ def markdown(results: list[dict], info: dict, args) -> str:
 
 def target_verdict(row: dict) -> str:
     target = TARGETS.get(row["contender"])
-    if target is None or (row["model"], row["seq_len"], row["setup"]) != ("embedded", 512, "peft"):
+    if target is None or "step_ratio" not in row or (row["model"], row["seq_len"], row["setup"]) != ("embedded", 512, "peft"):
         return ""
     met = row["step_ratio"] <= target[0] and row["memory_ratio"] <= target[1]
     return f"{'met' if met else 'missed'} (<= {target[0]}, <= {target[1]})"
@@ -277,18 +290,21 @@ def main(args) -> list[dict]:
                         continue
                     where = [f"--family={family}", f"--model={model}", f"--seq_len={seq_len}", f"--setup={setup}"]
                     print(f"measuring {family} {model} seq {seq_len} {setup}", file=sys.stderr, flush=True)
-                    step_times = run_worker(["--worker=time", *where, *common])
-                    with ThreadPoolExecutor(args.memory_jobs) as pool:
-                        peaks = dict(zip(CONTENDERS[family], pool.map(
-                            lambda name: run_worker(["--worker=memory", f"--contender={name}", *where, *common]),
-                            CONTENDERS[family],
-                        )))
-                    baseline = next(iter(CONTENDERS[family]))
+                    if args.flops_only:
+                        measured = run_worker(["--worker=flops", *where, *common])
+                    else:
+                        measured = run_worker(["--worker=time", *where, *common])
+                        with ThreadPoolExecutor(args.memory_jobs) as pool:
+                            peaks = dict(zip(CONTENDERS[family], pool.map(
+                                lambda name: run_worker(["--worker=memory", f"--contender={name}", *where, *common]),
+                                CONTENDERS[family],
+                            )))
+                        baseline = next(iter(CONTENDERS[family]))
+                        for name in CONTENDERS[family]:
+                            measured[name].update(peak_mib=peaks[name], memory_ratio=peaks[name] / peaks[baseline])
                     for name in CONTENDERS[family]:
-                        row = {
-                            "family": family, "model": model, "seq_len": seq_len, "setup": setup, "contender": name,
-                            **step_times[name], "peak_mib": peaks[name], "memory_ratio": peaks[name] / peaks[baseline],
-                        }
+                        row = {"family": family, "model": model, "seq_len": seq_len, "setup": setup, "contender": name,
+                               **measured[name]}
                         row["target"] = target_verdict(row)
                         results.append(row)
     info = machine()
@@ -323,7 +339,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "trl_ext_benchmarks"))
     parser.add_argument("--output_dir", default="benchmarks/results")
     parser.add_argument("--smoke", action="store_true", help="tiny model, seq 128, LoRA only, few steps")
-    parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--flops_only", action="store_true",
+                        help="count the FLOPs of one step per contender; no timing, no memory (minutes, not hours)")
+    parser.add_argument("--worker", choices=["flops", "time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--seq_len", type=int, help=argparse.SUPPRESS)
@@ -338,7 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.worker == "time":
+    if args.worker == "flops":
+        print(json.dumps(flops_worker(args.family, args.model, args.seq_len, args.setup, args)))
+    elif args.worker == "time":
         print(json.dumps(time_worker(args.family, args.model, args.seq_len, args.setup, args)))
     elif args.worker == "memory":
         print(json.dumps(memory_worker(args.family, args.contender, args.model, args.seq_len, args.setup, args)))
