@@ -20,14 +20,14 @@ from trl import ModelConfig, ScriptArguments, TrlParser
 
 from recipe_utils import model_init_kwargs, reward_summary, train_and_save
 from trl_ext import DPOConfig, DPOTrainer
-from trl_ext.data import load_dataset_any
+from trl_ext.data import load_dataset_any, space_completions
 
 
 def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: ModelConfig) -> DPOTrainer:
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
     dataset = load_dataset_any(
         script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming
-    )
+    ).map(space_completions)  # "over" + "the campus" would train on "overthe campus"
     eval_dataset = None
     if training_args.eval_strategy != "no":
         if script_args.dataset_test_split not in dataset:

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
 import trl_ext
-from trl_ext.data import load_dataset_any
+from trl_ext.data import load_dataset_any, space_completions
 from trl_ext.text_metrics import (
     PENN_PATTERN,
     alignment_accuracy,
@@ -127,6 +127,7 @@ def load_splits(args: PennArguments) -> DatasetDict:
     missing = {"prompt", "chosen", "rejected"} - set(splits["train"].column_names)
     if missing:
         raise ValueError(f"The dataset needs `prompt`, `chosen` and `rejected` columns; {sorted(missing)} missing.")
+    splits = splits.map(space_completions)  # the seed's completions start without a space
     if args.quick:
         splits = DatasetDict(train=splits["train"].select(range(min(32, len(splits["train"])))),
                              test=splits["test"].select(range(min(16, len(splits["test"])))))

@@ -2,12 +2,15 @@
 
 import codecs
 import json
+import logging
+import unicodedata
 from pathlib import Path
 
 from datasets import DatasetDict, IterableDatasetDict, load_dataset
 
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 JSON_LAYOUT = 'a list of objects or one object per line, e.g. `[{"prompt": ..., "chosen": ..., "rejected": ...}]`'
+logger = logging.getLogger(__name__)
 JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
                    bool: "a boolean", type(None): "null"}
 
@@ -132,6 +135,63 @@ def load_dataset_any(
     return load_dataset(name_or_path, name=config_name, streaming=streaming)
 
 
+COMPLETION_COLUMNS = ("chosen", "rejected", "completion")
+# Scripts written without spaces between words: a prompt and completion in them join as they are.
+UNSPACED_SCRIPTS = ("CJK", "HIRAGANA", "KATAKANA", "HALFWIDTH KATAKANA", "THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN")
+
+
+def _is_spaced_word_character(char: str) -> bool:
+    return char.isalnum() and not unicodedata.name(char, "").startswith(UNSPACED_SCRIPTS)
+
+
+def glues_words(prompt: str, completion: str) -> bool:
+    """Whether `prompt + completion`, the way TRL joins them, runs two words together.
+
+    True when the prompt ends in a letter, digit or sentence punctuation and the completion starts with a letter or
+    digit, with no whitespace between (`"The sun was setting over"` + `"the campus"`). A decimal point before a digit
+    (`"3."` + `"14"`) and scripts written without spaces (Chinese, Japanese, Thai, ...) are not glue.
+    """
+    if not prompt or not completion or not _is_spaced_word_character(completion[0]):
+        return False
+    last = prompt[-1]
+    if last == ".":
+        return not completion[0].isdigit()
+    return _is_spaced_word_character(last) or last in ",;:!?"
+
+
+def space_completions(example: dict) -> dict:
+    """Starts each completion (`chosen`, `rejected`, `completion`) that [`glues_words`] to its prompt with one
+    space, as a writer would separate them; every other text is returned unchanged. For `datasets.Dataset.map`."""
+    prompt = example.get("prompt")
+    if not isinstance(prompt, str):  # conversational rows are joined by the chat template
+        return example
+    return {**example, **{column: " " + example[column] for column in COMPLETION_COLUMNS
+                          if isinstance(example.get(column), str) and glues_words(prompt, example[column])}}
+
+
+def warn_if_words_glue(dataset, dataset_name: str) -> None:
+    """Logs one warning with the count, an example and the fix if rows of `dataset` (a `datasets.Dataset` of text
+    prompts and completions) would run words together at the prompt/completion boundary."""
+    columns = [column for column in COMPLETION_COLUMNS if column in (getattr(dataset, "column_names", None) or [])]
+    if not columns or "prompt" not in dataset.column_names or not hasattr(dataset, "__len__"):
+        return  # streaming, tokenized or prompt-less datasets
+    glued, example = 0, None
+    for batch in dataset.select_columns(["prompt", *columns]).iter(batch_size=1024):
+        for index, prompt in enumerate(batch["prompt"]):
+            if not isinstance(prompt, str):
+                return  # conversational rows are joined by the chat template
+            completion = next((batch[column][index] for column in columns if isinstance(batch[column][index], str)
+                               and glues_words(prompt, batch[column][index])), None)
+            if completion is not None:
+                glued += 1
+                example = example or prompt[-24:] + completion[:24]
+    if glued:
+        logger.warning(
+            "%d of %d rows of the %s dataset join prompt and completion without a space (e.g. '...%s...'), and TRL "
+            "trains on them as joined. Start each completion with a space: "
+            "`dataset = dataset.map(trl_ext.data.space_completions)`.", glued, len(dataset), dataset_name, example)
+
+
 def move_prompt_whitespace_to_completions(example: dict) -> dict:
     """Moves the prompt's trailing whitespace to the start of `chosen` and `rejected`.
 
@@ -173,10 +233,11 @@ def pair_token_lengths(example: dict, tokenizer) -> tuple[int, int]:
 
 
 def prepare_preference_pairs(dataset, tokenizer, max_prompt_tokens: int | None, max_length: int | None, **map_kwargs):
-    """Readies `prompt`/`chosen`/`rejected` text for TRL's DPOTrainer: ends each prompt on a word (see
+    """Readies `prompt`/`chosen`/`rejected` text for TRL's DPOTrainer: separates completions that would glue to
+    their prompt with a space (see [`space_completions`]), ends each prompt on a word (see
     [`move_prompt_whitespace_to_completions`]), keeps the last `max_prompt_tokens` tokens of each prompt, and drops
     the pairs whose prompt + chosen or prompt + rejected exceeds `max_length` tokens, rather than truncating them."""
-    dataset = dataset.map(move_prompt_whitespace_to_completions, **map_kwargs)
+    dataset = dataset.map(space_completions, **map_kwargs).map(move_prompt_whitespace_to_completions, **map_kwargs)
     if max_prompt_tokens is not None:
         dataset = dataset.map(keep_last_prompt_tokens, fn_kwargs={"tokenizer": tokenizer,
                                                                   "max_prompt_tokens": max_prompt_tokens}, **map_kwargs)
@@ -184,3 +245,4 @@ def prepare_preference_pairs(dataset, tokenizer, max_prompt_tokens: int | None, 
         dataset = dataset.filter(lambda example: max(pair_token_lengths(example, tokenizer)) <= max_length,
                                  **map_kwargs)
     return dataset
+

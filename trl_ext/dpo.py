@@ -7,6 +7,7 @@ import torch
 import trl
 from datasets import Dataset, IterableDataset
 
+from .data import warn_if_words_glue
 from .dpo_losses import PreferenceLogps, compute_registered_loss, registered_dpo_losses
 from .embedded import resolve_model_and_args
 from .trl_contract import (
@@ -111,6 +112,7 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         _check_preference_columns(dataset, dataset_name)
+        warn_if_words_glue(dataset, dataset_name)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _compute_loss(self, model, inputs, return_outputs):

@@ -15,6 +15,7 @@ from datasets import Dataset, IterableDataset
 from peft import PeftModel
 
 from . import losses
+from .data import warn_if_words_glue
 from .embedded import resolve_model_and_args
 from .ift import check_parameters_are_whole, ift_compute_loss
 from .packed import rows_per_sequence
@@ -241,6 +242,7 @@ class SFTTrainer(trl.SFTTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # Also reached by `evaluate(dataset)`, after construction
         dataset = _chosen_as_completion(dataset, dataset_name)
+        warn_if_words_glue(dataset, dataset_name)
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def _set_signature_columns_if_needed(self):
