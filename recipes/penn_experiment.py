@@ -10,7 +10,9 @@ python recipes/penn_experiment.py --methods sft dpop --output_dir outputs/penn-s
 ```
 
 Outputs in `--output_dir`: `report.md`, `results.json`, PNG plots, and each method's model or adapter. Every method's
-results are saved as soon as it finishes; a rerun skips the methods whose results exist (`--overwrite` redoes them).
+result is saved as soon as it finishes, with what produced it (settings, data and model fingerprints, versions); a
+rerun reuses a stored result only when all of these match, and trains the method again otherwise, saying what
+changed (`--overwrite` always trains again).
 """
 
 import json
@@ -34,6 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
 import trl_ext
+from penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
 from trl_ext.data import load_dataset_any, space_completions
 from trl_ext.text_metrics import (
     PENN_PATTERN,
@@ -134,8 +137,8 @@ def load_splits(args: PennArguments) -> DatasetDict:
     return splits
 
 
-def train_method(method: str, args: PennArguments, model_path: str, train_dataset, output_dir: Path):
-    """Trains `method` from the base model; returns the trainer."""
+def method_config(method: str, args: PennArguments, output_dir: Path):
+    """The trainer class and training config of `method` (not `base`); building the config validates its options."""
     common = dict(
         output_dir=str(output_dir / "checkpoints"),
         max_steps=args.max_steps if args.max_steps > 0 else -1,
@@ -151,23 +154,25 @@ def train_method(method: str, args: PennArguments, model_path: str, train_datase
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=False,
     )
-    peft_config = None if args.full_finetune else LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules, task_type="CAUSAL_LM"
-    )
     if method in ("sft", "kl_sft", "ift"):
         loss = {"sft": {"loss_type": "nll"},
                 "kl_sft": {"loss_type": "kl_sft", "kl_coef": args.kl_coef, "kl_penalty": args.kl_penalty},
                 "ift": {"loss_type": "ift", "ift_lambda": args.ift_lambda, "ift_gamma": args.ift_gamma}}[method]
-        trainer = trl_ext.SFTTrainer(model=model_path, args=trl_ext.SFTConfig(**common, **loss),
-                                     train_dataset=train_dataset, peft_config=peft_config)
-    elif method == "trl_dpo":
-        trainer = trl.DPOTrainer(model=model_path, args=trl.DPOConfig(**common, beta=args.beta),
-                                 train_dataset=train_dataset, peft_config=peft_config)
-    else:
-        loss_type = args.dpo_loss_type if method == "dpo" else args.dpop_loss_type
-        config = trl_ext.DPOConfig(**common, beta=args.beta, loss_type=loss_type, dpop_lambda=args.dpop_lambda)
-        trainer = trl_ext.DPOTrainer(model=model_path, args=config, train_dataset=train_dataset,
-                                     peft_config=peft_config)
+        return trl_ext.SFTTrainer, trl_ext.SFTConfig(**common, **loss)
+    if method == "trl_dpo":
+        return trl.DPOTrainer, trl.DPOConfig(**common, beta=args.beta)
+    loss_type = args.dpo_loss_type if method == "dpo" else args.dpop_loss_type
+    return trl_ext.DPOTrainer, trl_ext.DPOConfig(**common, beta=args.beta, loss_type=loss_type,
+                                                 dpop_lambda=args.dpop_lambda)
+
+
+def train_method(method: str, args: PennArguments, model_path: str, train_dataset, output_dir: Path):
+    """Trains `method` from the base model; returns the trainer."""
+    trainer_cls, config = method_config(method, args, output_dir)
+    peft_config = None if args.full_finetune else LoraConfig(
+        r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules, task_type="CAUSAL_LM"
+    )
+    trainer = trainer_cls(model=model_path, args=config, train_dataset=train_dataset, peft_config=peft_config)
     trainer.train()
     trainer.save_model(str(output_dir / "model"))
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
@@ -343,6 +348,17 @@ def _save(figure, path: Path) -> str:
     return path.name
 
 
+def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% at `z = 1.96`); unlike the normal approximation it
+    stays within [0, 1] and is not empty at 0 or 1 successes."""
+    if trials == 0:
+        return 0.0, 1.0
+    share = successes / trials
+    center = (share + z**2 / (2 * trials)) / (1 + z**2 / trials)
+    half = z / (1 + z**2 / trials) * (share * (1 - share) / trials + z**2 / (4 * trials**2)) ** 0.5
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) -> str:
     decoding = (f"seeded sampling (temperature {args.temperature}, top-p {args.top_p}, seed {args.seed})"
                 if args.decoding == "sample" else "greedy")
@@ -354,7 +370,7 @@ def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) 
         f"{args.per_device_train_batch_size}, lr {args.learning_rate}, beta {args.beta}, DPOP lambda "
         f"{args.dpop_lambda} (`{args.dpop_loss_type}`), DPO `{args.dpo_loss_type}`. {len(prompts)} held-out prompts, "
         f"up to {args.max_new_tokens} new tokens, {decoding}. Fluency: mean per-token NLL of the completion under the "
-        "untrained base model (lower is more fluent).",
+        "untrained base model (lower is more fluent). Alignment accuracy with its 95% Wilson interval.",
         "",
         "| method | alignment accuracy | repeated 3-grams | distinct-2 | fluency NLL | mean words | final chosen reward "
         "| wall time (s) |",
@@ -362,8 +378,11 @@ def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) 
     ]
     for name, result in results.items():
         reward = result["final_chosen_reward"]
+        trials = len(result["completions"])
+        low, high = wilson_interval(result["alignment_accuracy"] * trials, trials)
         lines.append(
-            f"| {name} | {result['alignment_accuracy']:.3f} | {result['repetition_3gram']:.3f} | "
+            f"| {name} | {result['alignment_accuracy']:.3f} [{low:.2f}, {high:.2f}] | "
+            f"{result['repetition_3gram']:.3f} | "
             f"{result['distinct_2']:.3f} | {result['fluency_nll']:.3f} | {result['mean_length_words']:.1f} | "
             f"{'' if reward is None else f'{reward:.3f}'} | {result['wall_seconds']:.0f} |"
         )
@@ -382,27 +401,35 @@ def main(args: PennArguments) -> dict:
     if args.quick:
         args.max_steps, args.max_new_tokens = min(args.max_steps, 4) if args.max_steps > 0 else 4, 16
     output_dir = Path(args.output_dir)
+    for method in args.methods:  # every method's options are checked before the first one trains
+        if method != "base":
+            method_config(method, args, output_dir / method)
     output_dir.mkdir(parents=True, exist_ok=True)
     transformers.set_seed(args.seed)
     splits = load_splits(args)
+    data = {split: data_fingerprint(splits[split]) for split in ("train", "test")}
     model_path = trl_ext.resolve_model_name(args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base_model = AutoModelForCausalLM.from_pretrained(model_path)
     if torch.cuda.is_available():
         base_model.to("cuda")
+    model = model_fingerprint(model_path)
 
     results = {}
     for position, method in enumerate(args.methods, start=1):
         method_dir = output_dir / method
         result_file = method_dir / "result.json"
-        if result_file.exists() and not args.overwrite:
-            print(f"[{position}/{len(args.methods)}] {method}: results exist, skipped (--overwrite redoes it)")
-            results[method] = json.loads(result_file.read_text())
+        current = provenance(method, args, data, model)
+        stored, why = (None, "--overwrite") if args.overwrite else reusable_result(result_file, current)
+        if stored is not None:
+            print(f"[{position}/{len(args.methods)}] {method}: reused, {why} (--overwrite redoes it)")
+            results[method] = stored
             continue
-        print(f"[{position}/{len(args.methods)}] {method}: training and evaluating", flush=True)
+        print(f"[{position}/{len(args.methods)}] {method}: training and evaluating ({why})", flush=True)
         method_dir.mkdir(parents=True, exist_ok=True)
         results[method] = run_method(method, args, model_path, tokenizer, base_model, splits, method_dir)
+        results[method]["provenance"] = current
         write_json_atomically(result_file, results[method])
 
     prompts = list(splits["test"]["prompt"])

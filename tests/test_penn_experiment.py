@@ -47,10 +47,14 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
             "--lora_target_modules", "q_proj", "v_proj"]
     results = penn.main(parse(args))
     check_outputs(tmp_path, penn.METHODS)
-    # A rerun skips every finished method; --overwrite redoes the one asked for
+    # A rerun with the same settings reuses every finished method; other settings train the methods they change
     stamps = {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.METHODS}
     penn.main(parse(args))
     assert {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.METHODS} == stamps
+    penn.main(parse([*args, "--methods", "sft", "dpop", "--dpop_lambda", "7"]))
+    assert (tmp_path / "sft" / "result.json").stat().st_mtime_ns == stamps["sft"]
+    assert (tmp_path / "dpop" / "result.json").stat().st_mtime_ns != stamps["dpop"]
+    assert json.loads((tmp_path / "dpop" / "result.json").read_text())["provenance"]["settings"]["dpop_lambda"] == 7
     again = penn.main(parse([*args, "--methods", "sft", "--overwrite"]))
     assert (tmp_path / "sft" / "result.json").stat().st_mtime_ns != stamps["sft"]
     # The redone method is deterministic: the same seed trains the same adapter, which samples the same text. (Its
@@ -97,6 +101,57 @@ def test_judge_against_local_openai_compatible_server(monkeypatch):
         server.shutdown()
     # p1, p2, p4: A mentions Penn, B does not -> A wins; p3: B mentions Penn -> B wins
     assert rate == pytest.approx(3 / 4)
+
+
+def test_every_methods_options_are_checked_before_anything_trains(tmp_path):
+    with pytest.raises(ValueError, match="Unknown `kl_penalty` 'bogus'"):
+        penn.main(parse(["--methods", "sft", "kl_sft", "--kl_penalty", "bogus", "--output_dir", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_provenance_keys_each_method_on_what_changes_its_result(tmp_path):
+    args, data = parse([]), {"train": "t1", "test": "e1"}
+    base = {method: penn.provenance(method, args, data, "m1") for method in ("sft", "dpop")}
+    assert "dpop_lambda" in base["dpop"]["settings"] and "dpop_lambda" not in base["sft"]["settings"]
+    changed = {
+        "dpop_lambda": (parse(["--dpop_lambda", "7"]), data, "m1"),
+        "learning_rate": (parse(["--learning_rate", "1e-3"]), data, "m1"),
+        "judge_model": (parse(["--judge_model", "other"]), data, "m1"),
+        "train data": (args, {**data, "train": "t2"}, "m1"),
+        "model": (args, data, "m2"),
+    }
+    affected = {name: [method for method in base if penn.provenance(method, *inputs) != base[method]]
+                for name, inputs in changed.items()}
+    assert affected == {"dpop_lambda": ["dpop"], "learning_rate": ["sft", "dpop"], "judge_model": [],
+                        "train data": ["sft", "dpop"], "model": ["sft", "dpop"]}
+
+    result_file = tmp_path / "result.json"
+    assert penn.reusable_result(result_file, base["dpop"]) == (None, "no stored result")
+    result_file.write_text(json.dumps({"alignment_accuracy": 0.5, "provenance": base["dpop"]}))
+    stored, _ = penn.reusable_result(result_file, base["dpop"])
+    assert stored["alignment_accuracy"] == 0.5
+    stored, why = penn.reusable_result(result_file, penn.provenance("dpop", *changed["dpop_lambda"]))
+    assert stored is None and why == "the stored result came from other settings (settings.dpop_lambda: 5.0 -> 7.0)"
+
+
+def test_data_and_model_fingerprints_follow_content(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"prompt": "a", "chosen": " b", "rejected": " c"}, {"prompt": "d", "chosen": " e", "rejected": " f"}]
+    assert penn.data_fingerprint(Dataset.from_list(rows)) == penn.data_fingerprint(Dataset.from_list(list(rows)))
+    assert penn.data_fingerprint(Dataset.from_list(rows)) != penn.data_fingerprint(Dataset.from_list(rows[::-1]))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 10)
+    first = penn.model_fingerprint(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 9 + b"\1")  # same size, other weights
+    assert penn.model_fingerprint(str(tmp_path)) != first
+
+
+@pytest.mark.parametrize("successes, trials, interval", [
+    (5, 10, (0.2366, 0.7634)), (0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)), (0, 0, (0.0, 1.0)),
+])
+def test_wilson_interval(successes, trials, interval):
+    assert penn.wilson_interval(successes, trials) == pytest.approx(interval, abs=1e-4)
 
 
 def test_unknown_method_is_refused():
