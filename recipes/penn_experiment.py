@@ -6,7 +6,9 @@ Pennsylvania and how fluent and varied they stay.
 python recipes/penn_experiment.py                       # every method, embedded SmolLM2-135M, LoRA, CPU
 python recipes/penn_experiment.py --quick               # a few steps on a small subset (smoke test)
 python recipes/penn_experiment.py --config recipes/configs/penn_gpt2.yaml   # the seed's GPT-2 setup (GPU)
+python recipes/penn_experiment.py --config recipes/configs/penn_seed.yaml   # the seed's setup, embedded model
 python recipes/penn_experiment.py --methods sft dpop --output_dir outputs/penn-small
+python recipes/penn_experiment.py --seeds 0 1 2 --output_dir outputs/penn-seeds   # mean and spread over 3 seeds
 ```
 
 Outputs in `--output_dir`: `report.md`, `results.json`, PNG plots, and each method's model or adapter. Every method's
@@ -23,7 +25,7 @@ import shutil
 import sys
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ from trl import TrlParser
 
 import trl_ext
 from penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
+from penn_seeds import aggregate, seeds_report
 from trl_ext.data import load_dataset_any, space_completions
 from trl_ext.text_metrics import (
     PENN_PATTERN,
@@ -69,6 +72,9 @@ class PennArguments:
     overwrite: bool = field(default=False, metadata={"help": "Redo methods whose results already exist."})
     quick: bool = field(default=False, metadata={"help": "Small subset, a few steps: a smoke test."})
     seed: int = field(default=0)
+    seeds: list[int] = field(default_factory=list, metadata={
+        "help": "Repeat the whole comparison once per seed (into `output_dir/seed-<N>`, replacing `seed`) and report "
+                "the mean and spread of every metric; empty: one run with `seed`."})
     # Training budget, the same for every method
     max_steps: int = field(default=40, metadata={"help": "Optimizer steps per method; <= 0 uses num_train_epochs."})
     num_train_epochs: float = field(default=3.0)
@@ -359,18 +365,26 @@ def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[flo
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) -> str:
-    decoding = (f"seeded sampling (temperature {args.temperature}, top-p {args.top_p}, seed {args.seed})"
+def settings_summary(args: PennArguments, num_prompts: int) -> str:
+    """One paragraph saying what the report's rows were trained and evaluated with."""
+    seeds = f"seeds {', '.join(map(str, args.seeds))}" if args.seeds else f"seed {args.seed}"
+    decoding = (f"seeded sampling (temperature {args.temperature}, top-p {args.top_p}, {seeds})"
                 if args.decoding == "sample" else "greedy")
-    lines = [
-        "# Penn experiment",
-        "",
+    return (
         f"Model `{args.model_name_or_path}` ({'full fine-tuning' if args.full_finetune else f'LoRA r {args.lora_r}'}),"
         f" {args.max_steps if args.max_steps > 0 else f'{args.num_train_epochs} epochs of'} steps x batch "
         f"{args.per_device_train_batch_size}, lr {args.learning_rate}, beta {args.beta}, DPOP lambda "
-        f"{args.dpop_lambda} (`{args.dpop_loss_type}`), DPO `{args.dpo_loss_type}`. {len(prompts)} held-out prompts, "
+        f"{args.dpop_lambda} (`{args.dpop_loss_type}`), DPO `{args.dpo_loss_type}`. {num_prompts} held-out prompts, "
         f"up to {args.max_new_tokens} new tokens, {decoding}. Fluency: mean per-token NLL of the completion under the "
-        "untrained base model (lower is more fluent). Alignment accuracy with its 95% Wilson interval.",
+        "untrained base model (lower is more fluent)."
+    )
+
+
+def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) -> str:
+    lines = [
+        "# Penn experiment",
+        "",
+        settings_summary(args, len(prompts)) + " Alignment accuracy with its 95% Wilson interval.",
         "",
         "| method | alignment accuracy | repeated 3-grams | distinct-2 | fluency NLL | mean words | final chosen reward "
         "| wall time (s) |",
@@ -397,9 +411,25 @@ def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) 
     return "\n".join(lines)
 
 
+def compare_over_seeds(args: PennArguments) -> dict:
+    """Runs [`main`] once per seed of `args.seeds` and writes `report.md` and `results.json` with mean and spread."""
+    runs = {seed: main(replace(args, seed=seed, seeds=[], output_dir=str(Path(args.output_dir) / f"seed-{seed}")))
+            for seed in args.seeds}
+    summary = aggregate({seed: run["metrics"] for seed, run in runs.items()})
+    output_dir = Path(args.output_dir)
+    num_prompts = len(next(iter(runs.values()))["methods"][args.methods[0]]["completions"])
+    (output_dir / "report.md").write_text(seeds_report(summary, args.seeds, settings_summary(args, num_prompts)))
+    write_json_atomically(output_dir / "results.json", {"config": asdict(args), "seeds": args.seeds,
+                                                        "summary": summary})
+    print((output_dir / "report.md").read_text())
+    return summary
+
+
 def main(args: PennArguments) -> dict:
     if args.quick:
         args.max_steps, args.max_new_tokens = min(args.max_steps, 4) if args.max_steps > 0 else 4, 16
+    if args.seeds:
+        return compare_over_seeds(args)
     output_dir = Path(args.output_dir)
     for method in args.methods:  # every method's options are checked before the first one trains
         if method != "base":

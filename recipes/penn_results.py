@@ -19,7 +19,7 @@ import trl_ext
 
 # Fields that never change a method's own result: which methods run, where they are written, the judge and the report.
 NOT_IN_PROVENANCE = {"methods", "output_dir", "overwrite", "judge_base_url", "judge_model", "judge_api_key_env",
-                     "judge_pairs", "num_samples_in_report"}
+                     "judge_pairs", "num_samples_in_report", "seeds"}
 # The loss settings each method reads; another method's loss settings are not part of its provenance.
 LOSS_FIELDS = {
     "base": (), "sft": (), "kl_sft": ("kl_coef", "kl_penalty"), "ift": ("ift_lambda", "ift_gamma"),

@@ -164,3 +164,33 @@ def test_unknown_method_is_refused():
 def test_quick_run_on_embedded_model(tmp_path):
     penn.main(parse(["--quick", "--output_dir", str(tmp_path)]))
     check_outputs(tmp_path, penn.METHODS)
+
+
+def test_seed_summary_is_mean_and_sample_spread():
+    by_seed = {0: {"sft": {"alignment_accuracy": 0.5, "final_chosen_reward": None, "repetition_3gram": 0.1,
+                           "distinct_2": 0.4, "fluency_nll": 3.0, "mean_length_words": 10.0}},
+               1: {"sft": {"alignment_accuracy": 0.7, "final_chosen_reward": None, "repetition_3gram": 0.1,
+                           "distinct_2": 0.6, "fluency_nll": 2.0, "mean_length_words": 12.0}}}
+    summary = penn.aggregate(by_seed)["sft"]
+    assert "final_chosen_reward" not in summary
+    accuracy = summary["alignment_accuracy"]
+    assert accuracy["values"] == [0.5, 0.7]
+    assert [accuracy[key] for key in ("mean", "std", "min", "max")] == pytest.approx([0.6, 0.1414214, 0.5, 0.7])
+    assert summary["repetition_3gram"]["std"] == 0.0
+    table = penn.seeds_report({"sft": summary}, [0, 1], "settings")
+    assert "| sft | 0.600 ± 0.141 (0.500 to 0.700) | 0.100 ± 0.000 (0.100 to 0.100) |" in table
+
+
+@pytest.mark.e2e
+def test_seeds_repeat_the_comparison(tiny_model_dir, tmp_path):
+    args = ["--quick", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), "--methods", "base",
+            "sft", "--lora_target_modules", "q_proj", "v_proj", "--seeds", "0", "1"]
+    summary = penn.main(parse(args))
+    runs = [json.loads((tmp_path / f"seed-{seed}" / "results.json").read_text()) for seed in (0, 1)]
+    assert [run["seed"] for run in runs] == [0, 1]
+    for method in ("base", "sft"):
+        values = [run["metrics"][method]["distinct_2"] for run in runs]
+        assert summary[method]["distinct_2"]["values"] == values
+        assert summary[method]["distinct_2"]["mean"] == pytest.approx(sum(values) / 2)
+    assert runs[0]["methods"]["sft"]["completions"] != runs[1]["methods"]["sft"]["completions"]
+    assert "seeds 0, 1" in (tmp_path / "report.md").read_text()
