@@ -67,7 +67,8 @@ class GenerationEvalCallback(TrainerCallback):
     W&B and trackio, as text to TensorBoard.
 
     `generation_kwargs` go to `model.generate` (e.g. `{"do_sample": True, "temperature": 0.7}`); sampling is seeded
-    by `seed` (default: the trainer's `args.seed`).
+    by `seed` (default: the trainer's `args.seed`). `completions_file` (default `<output_dir>/eval_generations.jsonl`)
+    receives a `{"step", "prompt", "completion"}` line per completion.
 
         trainer.add_callback(GenerationEvalCallback(trainer, prompts, [RegexMatch(), RepeatedNgrams()], eval_every=50))
     """
@@ -75,7 +76,7 @@ class GenerationEvalCallback(TrainerCallback):
     def __init__(self, trainer: transformers.Trainer, prompts: Sequence, scorers: Sequence[Scorer], *,
                  eval_every: int = 100, max_new_tokens: int = 32, batch_size: int = 8,
                  generation_kwargs: dict | None = None, seed: int | None = None, num_samples: int = 8,
-                 at_start: bool = True):
+                 at_start: bool = True, completions_file: str | None = None):
         if not prompts:
             raise ValueError("GenerationEvalCallback needs at least one prompt in `prompts`.")
         if eval_every < 1:
@@ -92,7 +93,7 @@ class GenerationEvalCallback(TrainerCallback):
         self.eval_every, self.max_new_tokens, self.batch_size = eval_every, max_new_tokens, batch_size
         self.generation_kwargs, self.num_samples, self.at_start = generation_kwargs, num_samples, at_start
         self.seed = trainer.args.seed if seed is None else seed
-        self.jsonl_path = Path(trainer.args.output_dir) / "eval_generations.jsonl"
+        self.jsonl_path = Path(completions_file or Path(trainer.args.output_dir) / "eval_generations.jsonl")
         self._last_step = None
 
     def on_train_begin(self, args, state, control, **kwargs):
