@@ -334,7 +334,7 @@ def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) 
         )
     curves = {name: [entry for entry in result["log_history"] if CURVE_KEY in entry] for name, result in results.items()}
     if any(curves.values()):
-        lines += ["", f"Alignment accuracy during training (the first {args.curve_prompts} held-out prompts, "
+        lines += ["", f"Alignment accuracy during training (the first {min(args.curve_prompts, len(prompts))} held-out prompts, "
                       "`alignment_accuracy_curves.png`), at steps:", ""]
         lines += [f"- {name}: " + ", ".join(f"{entry[CURVE_KEY]:.2f} ({entry['step']})" for entry in points)
                   for name, points in curves.items() if points]
