@@ -332,10 +332,11 @@ def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) 
             f"{result['distinct_2']:.3f} | {result['fluency_nll']:.3f} | {result['mean_length_words']:.1f} | "
             f"{'' if reward is None else f'{reward:.3f}'} | {result['wall_seconds']:.0f} |"
         )
-    curves = {name: [entry for entry in result["log_history"] if CURVE_KEY in entry] for name, result in results.items()}
+    curves = {name: [entry for entry in result["log_history"] if CURVE_KEY in entry]
+              for name, result in results.items()}
     if any(curves.values()):
-        lines += ["", f"Alignment accuracy during training (the first {min(args.curve_prompts, len(prompts))} held-out prompts, "
-                      "`alignment_accuracy_curves.png`), at steps:", ""]
+        lines += ["", f"Alignment accuracy during training (the first {min(args.curve_prompts, len(prompts))} "
+                      "held-out prompts, `alignment_accuracy_curves.png`), at steps:", ""]
         lines += [f"- {name}: " + ", ".join(f"{entry[CURVE_KEY]:.2f} ({entry['step']})" for entry in points)
                   for name, points in curves.items() if points]
     if judge:

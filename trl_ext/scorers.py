@@ -90,7 +90,8 @@ def prompt_texts(prompts: Sequence, tokenizer) -> list[str]:
     """Prompts as the model reads them: text as is, chat messages through the tokenizer's template with the assistant
     turn opened."""
     return [prompt if isinstance(prompt, str)
-            else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) for prompt in prompts]
+            else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            for prompt in prompts]
 
 
 @torch.no_grad()
