@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from trl_ext.scripts.common import reward_summary
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +38,7 @@ def test_dpo_recipe_on_tiny_model(tiny_model_dir, tmp_path):
     ]))
     assert trainer.args.loss_type == ["dpop"] and trainer.args.dpop_lambda == 50.0  # from the YAML
     assert (tmp_path / "adapter_model.safetensors").exists()
-    summary = recipe.reward_summary(trainer.state.log_history)
+    summary = reward_summary(trainer.state.log_history)
     assert summary.splitlines()[0].split() == ["metric", "step", "1", "step", "3"]
     assert "dpop/penalty" in summary
 
