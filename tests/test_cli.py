@@ -4,8 +4,6 @@
 import importlib
 import json
 import math
-import os
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -16,6 +14,7 @@ from trl_ext import cli
 
 from .conftest import OPENERS
 from .test_penn_experiment import check_curve
+from .test_recipes import run_dpo_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "recipes/data/penn_pairs_sample.jsonl")
@@ -96,29 +95,21 @@ def test_penn_subcommand(tiny_model_dir, tmp_path):
     assert (tmp_path / "alignment_accuracy_curves.png").stat().st_size > 0
 
 
-def _launch(launcher: list[str], model_dir: str, output_dir: Path, batch_size: int) -> list[dict]:
-    command = [*launcher, "-m", "trl_ext.cli", "dpo", "--config", str(ROOT / "recipes/configs/dpop_smollm2.yaml"),
-               *tiny_flags(model_dir, output_dir), "--per_device_train_batch_size", str(batch_size),
-               "--save_strategy", "steps", "--save_steps", "2", "--eval_gen_steps", "1", "--eval_gen_prompts", "7",
-               "--eval_gen_batch_size", "2", "--eval_gen_max_new_tokens", "6", "--eval_gen_do_sample", "true",
-               "--eval_gen_pattern", "the"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, env=env, check=True, capture_output=True, cwd=ROOT)
-    state = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())
-    return [entry for entry in state["log_history"] if "eval_gen/distinct_2" in entry]
-
-
 @pytest.mark.e2e
 def test_two_processes_log_the_generation_scores_of_one(tiny_model_dir, tmp_path):
-    """2 processes x 4 pairs against 1 x 8: the same training, and the 7 prompts' completions (4 batches of 2, split
-    between the processes and gathered) are the same, so are their scores."""
+    """`accelerate launch -m trl_ext.cli dpo`: 2 processes x 4 pairs against 1 x 8; the 7 prompts' completions (4
+    batches of 2, split between the processes and gathered) are the same, and so are their scores."""
     accelerate = [sys.executable, "-m", "accelerate.commands.launch",
                   "--config_file", str(ROOT / "accelerate_configs/multi_cpu.yaml")]
-    parallel = _launch(accelerate, tiny_model_dir, tmp_path / "ddp", batch_size=4)
-    single = _launch([sys.executable], tiny_model_dir, tmp_path / "single", batch_size=8)
-    assert [entry["step"] for entry in parallel] == [entry["step"] for entry in single] == [0, 1, 2]
-    for parallel_entry, single_entry in zip(parallel, single):
+    script = ["-m", "trl_ext.cli", "dpo"]
+    extra = ("--eval_gen_steps", "1", "--eval_gen_prompts", "7", "--eval_gen_batch_size", "2",
+             "--eval_gen_max_new_tokens", "6", "--eval_gen_do_sample", "true", "--eval_gen_pattern", "the")
+    runs = {name: [entry for entry in run_dpo_script(launcher, script, tiny_model_dir, tmp_path / name, batch_size,
+                                                     extra) if "eval_gen/distinct_2" in entry]
+            for name, launcher, batch_size in (("ddp", accelerate, 4), ("single", [sys.executable], 8))}
+    assert [entry["step"] for entry in runs["ddp"]] == [entry["step"] for entry in runs["single"]] == [0, 1, 2, 3]
+    for parallel_entry, single_entry in zip(runs["ddp"], runs["single"]):
         for key in ("eval_gen/alignment_accuracy", "eval_gen/repeated_3gram", "eval_gen/distinct_2"):
             assert parallel_entry[key] == pytest.approx(single_entry[key], abs=1e-6), key
-    completions = [(tmp_path / run / "eval_generations.jsonl").read_text() for run in ("ddp", "single")]
-    assert completions[0] == completions[1] and len(completions[0].splitlines()) == 3 * 7
+    completions = [(tmp_path / name / "eval_generations.jsonl").read_text() for name in runs]
+    assert completions[0] == completions[1] and len(completions[0].splitlines()) == 4 * 7
