@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, TrlParser
 
 import stack_exchange
-from recipe_utils import model_and_tokenizer, reward_summary, train_and_save, with_default_config
+from recipe_utils import with_default_config
 from trl_ext import DPOConfig, DPOTrainer
 from trl_ext.data import prepare_preference_pairs
+from trl_ext.scripts.common import model_and_tokenizer, reward_summary, train_and_save
 
 
 @dataclass

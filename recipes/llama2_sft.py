@@ -21,8 +21,9 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 import stack_exchange
 from merge_adapter import merge_adapter
-from recipe_utils import model_and_tokenizer, train_and_save, with_default_config
+from recipe_utils import with_default_config
 from trl_ext import SFTConfig, SFTTrainer
+from trl_ext.scripts.common import model_and_tokenizer, train_and_save
 
 
 @dataclass

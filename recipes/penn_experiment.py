@@ -11,20 +11,19 @@ python recipes/penn_experiment.py --methods sft dpop --output_dir outputs/penn-s
 python recipes/penn_experiment.py --seeds 0 1 2 --output_dir outputs/penn-seeds   # mean and spread over 3 seeds
 ```
 
-Outputs in `--output_dir`: `report.md`, `results.json`, PNG plots, and each method's model or adapter. Every method's
-result is saved as soon as it finishes, with what produced it (settings, data and model fingerprints, versions); a
-rerun reuses a stored result only when all of these match, and trains the method again otherwise, saying what
-changed (`--overwrite` always trains again).
+Outputs in `--output_dir`: `report.md`, `results.json`, PNG plots (alignment accuracy over training steps among them,
+from `trl_ext.GenerationEvalCallback`), and each method's model or adapter and `eval_generations.jsonl`. Every
+method's result is saved as soon as it finishes, with what produced it (settings, data and model fingerprints,
+versions); a rerun reuses a stored result only when all of these match, and trains the method again otherwise, saying
+what changed (`--overwrite` always trains again).
 """
 
 import json
 import os
-import random
 import re
 import shutil
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,7 +32,6 @@ import trl
 import transformers
 from datasets import DatasetDict
 from peft import LoraConfig
-from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
@@ -41,13 +39,17 @@ import trl_ext
 from penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
 from penn_seeds import aggregate, seeds_report
 from trl_ext.data import load_dataset_any, space_completions
-from trl_ext.text_metrics import (
-    PENN_PATTERN,
-    alignment_accuracy,
-    distinct_n,
-    mean_length,
-    mean_repeated_ngram_share,
+from trl_ext.generation_eval import GenerationEvalCallback, generate_completions, in_prompt_order
+from trl_ext.scorers import (
+    CompletionNLL,
+    DistinctN,
+    Generations,
+    MeanWords,
+    RegexMatch,
+    RepeatedNgrams,
+    judge_win_rate,
 )
+from trl_ext.text_metrics import PENN_PATTERN
 
 METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")
 DPO_FAMILY = ("dpo", "dpop", "trl_dpo")
@@ -55,6 +57,7 @@ DEFAULT_DATA = str(Path(__file__).parent / "data" / "penn")
 METRICS = ("alignment_accuracy", "repetition_3gram", "distinct_2", "fluency_nll", "mean_length_words")
 # Training curves of the trl_ext objectives, plotted next to the loss and reward curves
 OBJECTIVE_METRICS = ("kl/penalty", "ift/nll_teacher_forced", "ift/nll_mixed", "dpop_norm/penalty", "dpop/penalty")
+CURVE_KEY = "eval_gen/alignment_accuracy"
 
 
 @dataclass
@@ -103,6 +106,9 @@ class PennArguments:
     top_p: float = field(default=0.9)
     generation_batch_size: int = field(default=32)
     num_samples_in_report: int = field(default=3)
+    curve_prompts: int = field(default=32, metadata={"help": "Held-out prompts generated from every `curve_every` "
+                                                             "steps for the alignment-accuracy curves; 0: no curves."})
+    curve_every: int = field(default=10, metadata={"help": "Optimizer steps between two points of the curves."})
     # Optional pairwise judge: an OpenAI-compatible chat endpoint
     judge_base_url: str | None = field(default=None, metadata={"help": "e.g. https://api.openai.com/v1; off if unset"})
     judge_model: str = field(default="gpt-4o")
@@ -119,6 +125,11 @@ class PennArguments:
             if len(pair.split(":")) != 2 or any(side not in METHODS for side in pair.split(":")):
                 raise ValueError(f"`judge_pairs` entries look like 'dpop:trl_dpo' with methods of {list(METHODS)}.")
         re.compile(self.target_pattern)
+
+    def generation_kwargs(self) -> dict:
+        if self.decoding == "sample":
+            return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+        return {"do_sample": False}
 
 
 def load_splits(args: PennArguments) -> DatasetDict:
@@ -172,89 +183,54 @@ def method_config(method: str, args: PennArguments, output_dir: Path):
                                                  dpop_lambda=args.dpop_lambda)
 
 
-def train_method(method: str, args: PennArguments, model_path: str, train_dataset, output_dir: Path):
-    """Trains `method` from the base model; returns the trainer."""
+def train_method(method: str, args: PennArguments, model_path: str, train_dataset, curve_prompts: list[str],
+                 output_dir: Path):
+    """Trains `method` from the base model, scoring the alignment accuracy on `curve_prompts` along the way; returns
+    the trainer."""
     trainer_cls, config = method_config(method, args, output_dir)
     peft_config = None if args.full_finetune else LoraConfig(
         r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules, task_type="CAUSAL_LM"
     )
     trainer = trainer_cls(model=model_path, args=config, train_dataset=train_dataset, peft_config=peft_config)
+    if curve_prompts:
+        trainer.add_callback(GenerationEvalCallback(
+            trainer, curve_prompts, [RegexMatch(args.target_pattern)], eval_every=args.curve_every,
+            max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size,
+            generation_kwargs=args.generation_kwargs(), seed=args.seed,
+            completions_file=str(output_dir / "eval_generations.jsonl"),
+        ))
     trainer.train()
     trainer.save_model(str(output_dir / "model"))
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
     return trainer
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], args: PennArguments, desc: str) -> list[str]:
-    model.eval()
-    device = next(model.parameters()).device
-    torch.manual_seed(args.seed)  # the same sampling noise for every method
-    completions = []
-    batches = range(0, len(prompts), args.generation_batch_size)
-    for start in tqdm(batches, desc=desc):
-        batch = tokenizer(prompts[start : start + args.generation_batch_size], return_tensors="pt", padding=True)
-        batch = batch.to(device)
-        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-        output = model.generate(
-            **batch, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            **(sampling if args.decoding == "sample" else {"do_sample": False}),
-        )
-        completions += tokenizer.batch_decode(output[:, batch["input_ids"].size(1):], skip_special_tokens=True)
-    return completions
-
-
-@torch.no_grad()
-def mean_completion_nll(model, tokenizer, prompts: list[str], completions: list[str], batch_size: int) -> float:
-    """Mean per-token NLL of each completion given its prompt under `model`, averaged over completions."""
-    device = next(model.parameters()).device
-    per_completion = []
-    for start in range(0, len(prompts), batch_size):
-        rows = []
-        for prompt, completion in zip(prompts[start : start + batch_size], completions[start : start + batch_size]):
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            completion_ids = tokenizer(prompt + completion)["input_ids"][len(prompt_ids):]
-            rows.append((prompt_ids + completion_ids, len(prompt_ids)))
-        width = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        target_mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, (ids, prompt_length) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-            target_mask[i, prompt_length : len(ids)] = True
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits.float()
-        token_nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), input_ids[:, 1:].to(device), reduction="none"
-        )
-        mask = target_mask[:, 1:].to(device)
-        per_completion += ((token_nll * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
-    return sum(per_completion) / len(per_completion)
-
-
-def evaluate_method(method, model, tokenizer, base_model, test, args: PennArguments) -> dict:
+def evaluate_method(model, tokenizer, base_model, test, args: PennArguments, step: int) -> dict:
+    """The METRICS of `model`'s completions of the held-out prompts (after `step` training steps), and the
+    completions."""
     prompts = list(test["prompt"])
-    completions = generate(model, tokenizer, prompts, args, desc=f"{method}: generating")
-    return {
-        "alignment_accuracy": alignment_accuracy(completions, args.target_pattern),
-        "repetition_3gram": mean_repeated_ngram_share(completions),
-        "distinct_2": distinct_n(completions),
-        "fluency_nll": mean_completion_nll(base_model, tokenizer, prompts, completions, args.generation_batch_size),
-        "mean_length_words": mean_length(completions),
-        "completions": completions,
-    }
+    completions = in_prompt_order(generate_completions(
+        model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch_size,
+        seed=args.seed, generation_kwargs=args.generation_kwargs(),
+    ))
+    scorers = [RegexMatch(args.target_pattern), RepeatedNgrams(name="repetition_3gram"), DistinctN(),
+               CompletionNLL(base_model, tokenizer, args.generation_batch_size, name="fluency_nll"),
+               MeanWords(name="mean_length_words")]
+    generations = Generations(step, prompts, completions)
+    return {**{scorer.name: scorer(generations) for scorer in scorers}, "completions": completions}
 
 
 def run_method(method, args, model_path, tokenizer, base_model, splits, output_dir: Path) -> dict:
     start = time.perf_counter()
-    log_history = []
+    log_history, step = [], 0
     if method == "base":
         model = base_model
     else:
-        trainer = train_method(method, args, model_path, splits["train"], output_dir)
-        model, log_history = trainer.model, trainer.state.log_history
+        curve_prompts = list(splits["test"]["prompt"][: args.curve_prompts])
+        trainer = train_method(method, args, model_path, splits["train"], curve_prompts, output_dir)
+        model, log_history, step = trainer.model, trainer.state.log_history, trainer.state.global_step
     train_seconds = time.perf_counter() - start
-    result = evaluate_method(method, model, tokenizer, base_model, splits["test"], args)
+    result = evaluate_method(model, tokenizer, base_model, splits["test"], args, step)
     final = next((entry for entry in reversed(log_history) if "rewards/chosen" in entry), {})
     result.update(
         method=method,
@@ -272,34 +248,6 @@ def write_json_atomically(path: Path, data) -> None:
     staging.replace(path)
 
 
-def judge_pair(args: PennArguments, prompts, completions_a, completions_b) -> float:
-    """Share of prompts where the judge prefers A over B, asking in a seeded random order to cancel position bias."""
-    api_key = os.environ.get(args.judge_api_key_env, "")
-    rng = random.Random(args.seed)
-    wins = 0.0
-    for prompt, a, b in tqdm(list(zip(prompts, completions_a, completions_b)), desc="judging"):
-        swapped = rng.random() < 0.5
-        first, second = (b, a) if swapped else (a, b)
-        question = (
-            "Which continuation of the sentence is better: more fluent, coherent and natural? "
-            f"Answer with the single letter A or B.\n\nSentence start: {prompt}\n\nA: {first}\n\nB: {second}"
-        )
-        request = urllib.request.Request(
-            args.judge_base_url.rstrip("/") + "/chat/completions",
-            data=json.dumps({"model": args.judge_model, "temperature": 0,
-                             "messages": [{"role": "user", "content": question}]}).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())["choices"][0]["message"]["content"].strip().upper()
-        if answer.startswith("A") or answer.startswith("B"):
-            prefers_first = answer.startswith("A")
-            wins += prefers_first != swapped
-        else:
-            wins += 0.5  # an unusable answer counts as a tie
-    return wins / len(prompts)
-
-
 def plot(results: dict, output_dir: Path) -> list[str]:
     import matplotlib
 
@@ -315,8 +263,25 @@ def plot(results: dict, output_dir: Path) -> list[str]:
                 axis.plot([entry["step"] for entry in steps], [entry[key] for entry in steps], label=key)
             axis.axhline(0, color="grey", linewidth=0.5)
             axis.set(title=f"{method}: implicit rewards", xlabel="step", ylabel="reward")
-            axis.legend()
+            axis.legend(loc="upper left")
+            curve = [(entry["step"], entry[CURVE_KEY]) for entry in result["log_history"] if CURVE_KEY in entry]
+            if curve:
+                accuracy_axis = axis.twinx()
+                accuracy_axis.plot(*zip(*curve), "k--o", markersize=3, label="alignment accuracy")
+                accuracy_axis.set(ylabel="alignment accuracy", ylim=(0, 1))
+                accuracy_axis.legend(loc="upper right")
             written.append(_save(figure, output_dir / f"rewards_{method}.png"))
+    curves = {name: [(entry["step"], entry[CURVE_KEY]) for entry in result["log_history"] if CURVE_KEY in entry]
+              for name, result in results.items()}
+    curves = {name: points for name, points in curves.items() if points}
+    if curves:
+        figure, axis = plt.subplots(figsize=(7, 4))
+        for name, points in curves.items():
+            axis.plot(*zip(*points), marker="o", markersize=3, label=name)
+        axis.set(title="Alignment accuracy during training (held-out prompts)", xlabel="step",
+                 ylabel="alignment accuracy", ylim=(0, 1))
+        axis.legend()
+        written.append(_save(figure, output_dir / "alignment_accuracy_curves.png"))
     figure, axis = plt.subplots(figsize=(7, 4))
     names = list(results)
     axis.bar(names, [results[name]["alignment_accuracy"] for name in names])
@@ -400,15 +365,41 @@ def report(results: dict, judge: dict, args: PennArguments, prompts: list[str]) 
             f"{result['distinct_2']:.3f} | {result['fluency_nll']:.3f} | {result['mean_length_words']:.1f} | "
             f"{'' if reward is None else f'{reward:.3f}'} | {result['wall_seconds']:.0f} |"
         )
+    curves = {name: [entry for entry in result["log_history"] if CURVE_KEY in entry]
+              for name, result in results.items()}
+    if any(curves.values()):
+        lines += ["", f"Alignment accuracy during training (the first {min(args.curve_prompts, len(prompts))} "
+                      "held-out prompts, `alignment_accuracy_curves.png`), at steps:", ""]
+        lines += [f"- {name}: " + ", ".join(f"{entry[CURVE_KEY]:.2f} ({entry['step']})" for entry in points)
+                  for name, points in curves.items() if points]
     if judge:
         lines += ["", "Judge win rates (A over B, same prompts):", ""]
-        lines += [f"- {pair.replace(':', ' over ')}: {rate:.3f}" for pair, rate in judge.items()]
+        lines += [f"- {pair.replace(':', ' over ')}: {rate if isinstance(rate, str) else f'{rate:.3f}'}"
+                  for pair, rate in judge.items()]
     lines += ["", "## Sample completions", ""]
     for index, prompt in enumerate(prompts[: args.num_samples_in_report]):
         lines += [f"**{prompt}**", ""]
         lines += [f"- {name}: {result['completions'][index]!r}" for name, result in results.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def judge_pairs(args: PennArguments, prompts: list[str], results: dict) -> dict[str, float | str]:
+    """The judge's win rate of each `--judge_pairs` pair whose methods both ran, or why it could not be had: a judge
+    that fails after its retries must not cost the trained methods their report."""
+    judged = {}
+    for pair in args.judge_pairs if args.judge_base_url else []:
+        a, b = pair.split(":")
+        if a in results and b in results:
+            try:
+                judged[pair] = judge_win_rate(
+                    prompts, results[a]["completions"], results[b]["completions"], base_url=args.judge_base_url,
+                    model=args.judge_model, api_key=os.environ.get(args.judge_api_key_env, ""), seed=args.seed,
+                )
+            except RuntimeError as error:
+                print(f"judge: {pair} not judged: {error}", file=sys.stderr)
+                judged[pair] = f"not judged: {error}"
+    return judged
 
 
 def compare_over_seeds(args: PennArguments) -> dict:
@@ -428,6 +419,7 @@ def compare_over_seeds(args: PennArguments) -> dict:
 def main(args: PennArguments) -> dict:
     if args.quick:
         args.max_steps, args.max_new_tokens = min(args.max_steps, 4) if args.max_steps > 0 else 4, 16
+        args.curve_every = min(args.curve_every, 2)
     if args.seeds:
         return compare_over_seeds(args)
     output_dir = Path(args.output_dir)
@@ -463,12 +455,7 @@ def main(args: PennArguments) -> dict:
         write_json_atomically(result_file, results[method])
 
     prompts = list(splits["test"]["prompt"])
-    judge = {}
-    if args.judge_base_url:
-        for pair in args.judge_pairs:
-            a, b = pair.split(":")
-            if a in results and b in results:
-                judge[pair] = judge_pair(args, prompts, results[a]["completions"], results[b]["completions"])
+    judge = judge_pairs(args, prompts, results)
     plots = plot(results, output_dir)
     (output_dir / "report.md").write_text(report(results, judge, args, prompts))
     summary = {

@@ -1,8 +1,9 @@
 """Every documented command is run by a test, so a documented command cannot silently break.
 
 The commands are read from the ```bash blocks of README.md and benchmarks/README.md and of the docstrings of
-recipes/*.py and benchmarks/*.py. Each one that runs a repository script (`python X.py ...` or
-`accelerate launch [launcher options] X.py ...`) is parsed as it would be run: accelerate's launcher options by
+recipes/*.py and benchmarks/*.py. Each one that runs a repository script (`python X.py ...`,
+`accelerate launch [launcher options] X.py ...`) or the command line (`trl-ext ...`, `python -m trl_ext.cli ...`,
+`accelerate launch [launcher options] -m trl_ext.cli ...`) is parsed as it would be run: accelerate's launcher options by
 accelerate's own parser (a `--config_file` must exist and load), then the script's arguments by the script's
 `parse_args`, which returns what its `__main__` passes to `main` (default `--config` included). Parsing loads no
 model and no data. A few cheap commands also run for real (`e2e`), and so do the README's ```python examples.
@@ -30,7 +31,7 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 ROOT = Path(__file__).resolve().parents[1]
 MARKDOWN_FILES = ("README.md", "benchmarks/README.md")
 DOCUMENTED_SCRIPTS = (
-    "recipes/dpo.py", "recipes/llama2_sft.py", "recipes/llama2_dpo.py", "recipes/merge_adapter.py",
+    "recipes/dpo.py", "recipes/sft.py", "recipes/llama2_sft.py", "recipes/llama2_dpo.py", "recipes/merge_adapter.py",
     "recipes/penn_experiment.py", "recipes/penn_data.py", "benchmarks/run.py",
 )
 ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
@@ -137,15 +138,24 @@ def is_setup(command: Command) -> bool:
             or words[:3] in (["python", "-m", "pytest"], ["python3", "-m", "pytest"]))
 
 
+CLI = "trl-ext"
+
+
 def script_invocation(command: Command):
-    """`(script, script arguments, accelerate launch namespace or None)` of a command that runs a repository script,
-    else None. Launcher options are parsed by accelerate's own parser (raises SystemExit on a bad one)."""
+    """`(script, script arguments, accelerate launch namespace or None)` of a command that runs a repository script
+    or the command line (script `trl-ext`), else None. Launcher options are parsed by accelerate's own parser (raises
+    SystemExit on a bad one)."""
     words = command.words
+    if words[0] == CLI:
+        return CLI, words[1:], None
+    if words[0] in ("python", "python3") and words[1:3] == ["-m", "trl_ext.cli"]:
+        return CLI, words[3:], None
     if words[0] in ("python", "python3") and len(words) > 1 and words[1].endswith(".py"):
         return words[1], words[2:], None
     if words[:2] == ["accelerate", "launch"]:
         launcher = launch_command_parser().parse_args(words[2:])
-        return launcher.training_script, launcher.training_script_args, launcher
+        script = CLI if launcher.module and launcher.training_script == "trl_ext.cli" else launcher.training_script
+        return script, launcher.training_script_args, launcher
     return None
 
 
@@ -154,7 +164,9 @@ _MODULES = {}
 
 def script_module(script: str):
     """The module of a repository script: recipes by name (recipes/ is on sys.path, see conftest.py), the rest from
-    their file."""
+    their file; `trl_ext.cli` for the command line."""
+    if script == CLI:
+        return importlib.import_module("trl_ext.cli")
     path = (ROOT / script).resolve()
     assert path.is_file(), f"{script} does not exist"
     if path.parent == ROOT / "recipes":
@@ -200,7 +212,8 @@ def machine_supports_bf16() -> bool:
 def _runs_a_script(command: Command) -> bool:
     words = command.words
     return (words[0] in ("python", "python3") and len(words) > 1 and words[1].endswith(".py")
-            or words[:2] == ["accelerate", "launch"])
+            or words[:2] == ["accelerate", "launch"] or words[0] == CLI
+            or words[0] in ("python", "python3") and words[1:3] == ["-m", "trl_ext.cli"])
 
 
 ALL_COMMANDS = documented_commands()
@@ -219,6 +232,13 @@ def test_every_documented_script_has_commands(script):
     """A slip in the collector cannot make the parsing test vacuous: every documented script has commands."""
     runs = [command for command in SCRIPT_COMMANDS if Path(script_invocation(command)[0]) == Path(script)]
     assert runs, f"no documented command runs {script}"
+
+
+@pytest.mark.parametrize("subcommand", ["dpo", "sft", "penn", "env"])
+def test_every_cli_subcommand_is_documented(subcommand):
+    runs = [command for command in SCRIPT_COMMANDS if script_invocation(command)[0] == CLI
+            and script_invocation(command)[1][:1] == [subcommand]]
+    assert runs, f"no documented command runs `trl-ext {subcommand}`"
 
 
 def test_collector_joins_expands_and_strips():
@@ -314,7 +334,8 @@ def test_a_missing_accelerate_config_fails(at_root):
 
 
 def test_parse_args_is_what_main_gets():
-    """`__main__` of every documented script passes `parse_args()`'s result to `main`."""
+    """`__main__` of every documented script passes `parse_args()`'s result to `main` (recipes/dpo.py and sft.py
+    import both from trl_ext.scripts)."""
     for script in DOCUMENTED_SCRIPTS:
         source = (ROOT / script).read_text()
         main_block = source.split('if __name__ == "__main__":', 1)[1]
@@ -335,7 +356,12 @@ def test_penn_data_command_rewrites_the_shipped_files(tmp_path, at_root):
 REAL_RUNS = {
     "python recipes/dpo.py --config recipes/configs/dpop_smollm2.yaml --loss_type dpop_norm --dpop_lambda 5":
         ["--max_steps", "2", "--logging_steps", "1"],
+    "trl-ext sft --config recipes/configs/kl_sft_smollm2.yaml --eval_gen_steps 8 --eval_gen_pattern Penn":
+        ["--max_steps", "2", "--logging_steps", "1", "--eval_gen_prompts", "4"],
 }
+# How a test runs a documented command's program: `trl-ext` is the console script of `pip install -e .`, which this
+# interpreter may lack; `python -m trl_ext.cli` is the same `main`.
+PROGRAMS = {"python": [sys.executable], "python3": [sys.executable], CLI: [sys.executable, "-m", "trl_ext.cli"]}
 
 
 def _documented_as(text: str) -> list[Command]:
@@ -347,7 +373,7 @@ def _documented_as(text: str) -> list[Command]:
     next((command.where for command in _documented_as(text)), text) for text in REAL_RUNS])
 def test_cheap_documented_command_runs(text, tmp_path):
     (command,) = _documented_as(text)
-    words = [sys.executable if command.words[0].startswith("python") else command.words[0], *command.words[1:]]
+    words = [*PROGRAMS.get(command.words[0], command.words[:1]), *command.words[1:]]
     result = subprocess.run([*words, *REAL_RUNS[text], "--output_dir", str(tmp_path / "out")], cwd=ROOT,
                             env={**os.environ, **command.env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -368,7 +394,7 @@ README_EXAMPLES = readme_python_examples()
 
 
 def test_readme_has_its_python_examples():
-    assert len(README_EXAMPLES) == 3  # DPOP, KL-SFT and IFT, your own pairwise loss
+    assert len(README_EXAMPLES) == 4  # DPOP, KL-SFT and IFT, your own pairwise loss, the generation-eval callback
     for where, code in README_EXAMPLES:
         compile(code, where, "exec")
 

@@ -243,7 +243,7 @@ def test_concurrent_first_use_converts_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_damaged_cache_is_converted_again(monkeypatch, tmp_path, caplog):
+def test_damaged_cache_is_converted_again(monkeypatch, tmp_path, caplog, capfd):
     monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path))
     target = Path(resolve_model_name("embedded:smollm2-135m-instruct"))
     manifest = json.loads((target / MANIFEST_FILE).read_text())
@@ -260,6 +260,8 @@ def test_damaged_cache_is_converted_again(monkeypatch, tmp_path, caplog):
     assert weights.stat().st_size == manifest["files"]["model.safetensors"]
     assert json.loads((target / MANIFEST_FILE).read_text()) == manifest
     assert [path.name for path in (tmp_path / "embedded").iterdir() if path.name.startswith(".")] == []
+    progress = capfd.readouterr().err  # the conversion's progress bar, all four stages
+    assert "Converting the embedded model" in progress and "4/4" in progress
 
     from transformers import AutoModelForCausalLM
 

@@ -1,9 +1,7 @@
-"""The Penn experiment recipe end to end with `--quick`, and its optional judge against a local server."""
+"""The Penn experiment recipe end to end with `--quick` (its judge: tests/test_scorers.py)."""
 
-import http.server
 import importlib.util
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ penn = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(penn)
 
 OUTPUT_FILES = ["report.md", "results.json", "alignment_accuracy.png", "loss_curves.png", "rewards_dpo.png",
-                "rewards_dpop.png", "rewards_trl_dpo.png", "objective_metrics.png"]
+                "rewards_dpop.png", "rewards_trl_dpo.png", "objective_metrics.png", "alignment_accuracy_curves.png"]
 
 
 def parse(args: list[str]) -> "penn.PennArguments":
@@ -38,7 +36,19 @@ def check_outputs(output_dir: Path, methods) -> dict:
     assert {"torch", "trl", "transformers", "trl_ext"} <= set(results["versions"])
     table = (output_dir / "report.md").read_text()
     assert all(f"| {method} |" in table for method in methods)
+    for method in set(methods) - {"base"}:
+        check_curve(output_dir, results["methods"][method])
     return results
+
+
+def check_curve(output_dir: Path, result: dict) -> None:
+    """--quick: the alignment-accuracy curve has points at steps 0, 2 and 4 on all 16 test prompts; its last point
+    generated what the final evaluation did (same prompts, seed and decoding), so it scores the same."""
+    curve = [entry for entry in result["log_history"] if penn.CURVE_KEY in entry]
+    assert [entry["step"] for entry in curve] == [0, 2, 4]
+    assert curve[-1][penn.CURVE_KEY] == result["alignment_accuracy"]
+    rows = [json.loads(line) for line in (output_dir / result["method"] / "eval_generations.jsonl").open()]
+    assert [row["completion"] for row in rows if row["step"] == 4] == result["completions"]
 
 
 @pytest.mark.e2e
@@ -64,43 +74,6 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
     assert again["methods"]["sft"]["completions"] == completions
     stored = json.loads((tmp_path / "results.json").read_text())["methods"]["sft"]["completions"]
     assert stored == completions
-
-
-class _JudgeHandler(http.server.BaseHTTPRequestHandler):
-    """Speaks the chat-completions protocol; prefers whichever completion mentions Penn."""
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        assert self.path == "/v1/chat/completions" and self.headers["Authorization"] == "Bearer secret"
-        question = body["messages"][0]["content"]
-        first = question.split("\n\nA: ")[1].split("\n\nB: ")[0]
-        answer = "A" if "Penn" in first else "B"
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": answer}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_judge_against_local_openai_compatible_server(monkeypatch):
-    server = http.server.HTTPServer(("127.0.0.1", 0), _JudgeHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("TEST_JUDGE_KEY", "secret")
-    args = parse(["--judge_base_url", f"http://127.0.0.1:{server.server_port}/v1", "--judge_api_key_env",
-                  "TEST_JUDGE_KEY", "--seed", "3"])
-    prompts = ["p1", "p2", "p3", "p4"]
-    penn_side = ["at Penn.", "near Penn.", "the river.", "UPenn."]  # mentions Penn 3 times of 4
-    other_side = ["the park.", "the river.", "at Penn.", "the lake."]
-    try:
-        rate = penn.judge_pair(args, prompts, penn_side, other_side)
-    finally:
-        server.shutdown()
-    # p1, p2, p4: A mentions Penn, B does not -> A wins; p3: B mentions Penn -> B wins
-    assert rate == pytest.approx(3 / 4)
 
 
 def test_every_methods_options_are_checked_before_anything_trains(tmp_path):
@@ -194,3 +167,21 @@ def test_seeds_repeat_the_comparison(tiny_model_dir, tmp_path):
         assert summary[method]["distinct_2"]["mean"] == pytest.approx(sum(values) / 2)
     assert runs[0]["methods"]["sft"]["completions"] != runs[1]["methods"]["sft"]["completions"]
     assert "seeds 0, 1" in (tmp_path / "report.md").read_text()
+
+
+def test_a_judge_that_cannot_be_reached_is_recorded_not_fatal(monkeypatch):
+    import functools
+    import socket
+
+    from trl_ext.scorers import judge_win_rate
+
+    monkeypatch.setattr(penn, "judge_win_rate", functools.partial(judge_win_rate, backoff_seconds=0.01))
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = parse(["--judge_base_url", f"http://127.0.0.1:{port}/v1", "--judge_pairs", "dpop:sft", "base:dpo"])
+    results = {method: {"completions": [" at Penn."]} for method in ("sft", "dpop", "base")}
+    judged = penn.judge_pairs(args, ["The sun"], results)
+    assert list(judged) == ["dpop:sft"]  # `dpo` did not run
+    assert judged["dpop:sft"].startswith(f"not judged: The judge at http://127.0.0.1:{port}/v1/chat/completions did "
+                                         "not answer after 4 attempts")

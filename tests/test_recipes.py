@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from trl_ext.scripts.common import reward_summary
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,7 +38,7 @@ def test_dpo_recipe_on_tiny_model(tiny_model_dir, tmp_path):
     ]))
     assert trainer.args.loss_type == ["dpop"] and trainer.args.dpop_lambda == 50.0  # from the YAML
     assert (tmp_path / "adapter_model.safetensors").exists()
-    summary = recipe.reward_summary(trainer.state.log_history)
+    summary = reward_summary(trainer.state.log_history)
     assert summary.splitlines()[0].split() == ["metric", "step", "1", "step", "3"]
     assert "dpop/penalty" in summary
 
@@ -68,16 +70,23 @@ def test_dpop_lora_on_embedded_model(tmp_path):
     assert (tmp_path / "adapter_model.safetensors").exists()
 
 
-def _run_dpo_recipe(launcher: list[str], model_dir: str, output_dir: Path, batch_size: int) -> list[dict]:
-    command = [*launcher, str(ROOT / "recipes/dpo.py"), "--config", str(ROOT / "recipes/configs/dpop_smollm2.yaml"),
+def run_dpo_script(launcher: list[str], script: list[str], model_dir: str, output_dir: Path, batch_size: int,
+                   extra: tuple[str, ...] = ()) -> list[dict]:
+    """The DPOP config on the tiny model for 3 steps, run by `launcher` (python, or accelerate launch) as `script` (a
+    path, or `-m trl_ext.cli dpo`) with `extra` flags; the log history saved at the last step."""
+    command = [*launcher, *script, "--config", str(ROOT / "recipes/configs/dpop_smollm2.yaml"),
                "--model_name_or_path", model_dir, "--lora_target_modules", "q_proj", "v_proj",
                "--learning_rate", "5e-3", "--max_steps", "3", "--logging_steps", "1",
                "--per_device_train_batch_size", str(batch_size), "--save_strategy", "steps", "--save_steps", "3",
-               "--output_dir", str(output_dir)]
+               "--output_dir", str(output_dir), *extra]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     subprocess.run(command, env=env, check=True, capture_output=True, cwd=ROOT)
-    state = json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())
-    return [entry for entry in state["log_history"] if "loss" in entry]
+    return json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+
+
+def _run_dpo_recipe(launcher: list[str], model_dir: str, output_dir: Path, batch_size: int) -> list[dict]:
+    history = run_dpo_script(launcher, [str(ROOT / "recipes/dpo.py")], model_dir, output_dir, batch_size)
+    return [entry for entry in history if "loss" in entry]
 
 
 @pytest.mark.e2e

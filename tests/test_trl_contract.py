@@ -11,6 +11,7 @@ import torch
 import transformers
 import trl
 from packaging.requirements import Requirement
+from accelerate import Accelerator
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -26,7 +27,9 @@ from trl_ext.trl_contract import (
     add_fused_lm_head,
     check_recorded_forwards,
     create_reference_model,
+    print_trl_env,
     record_fused_outputs,
+    unwrap_model_for_generation,
     use_adapter,
 )
 
@@ -233,3 +236,20 @@ def test_recorded_forwards_are_verified(recorded, message):
     expected = [ExpectedForward("policy", 8, 5, True), ExpectedForward("reference", 8, 5, False)]
     with pytest.raises(TRLContractError, match=message):
         check_recorded_forwards("trl.DPOTrainer._compute_loss", recorded, expected)
+
+
+def test_unwrap_model_for_generation_yields_the_model_and_restores_checkpointing(tiny_model_dir):
+    """GenerationEvalCallback generates from what this yields: the bare model, with gradient checkpointing off for
+    the generation and back on after it."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.gradient_checkpointing_enable()
+    with unwrap_model_for_generation(model, Accelerator(cpu=True)) as unwrapped:
+        assert unwrapped is model and not model.is_gradient_checkpointing
+    assert model.is_gradient_checkpointing
+
+
+def test_trl_env_prints_the_versions(capsys):
+    print_trl_env()
+    printed = capsys.readouterr().out
+    assert f"- TRL version: {trl.__version__}" in printed
+    assert f"- Transformers version: {transformers.__version__}" in printed

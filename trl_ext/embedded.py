@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+from tqdm.auto import tqdm
+
 from .trl_contract import get_config_model_id
 
 logger = logging.getLogger(__name__)
@@ -324,16 +326,22 @@ def _convert_gguf(gguf_path: Path, output_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf_file = str(gguf_path.parent), gguf_path.name
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
-    # The loaded weights are already de-quantized; only the GGUF quantizer attached to the model blocks saving and
-    # training, so rebuild a plain model from the config without it.
-    config = quantized.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(quantized.state_dict())
-    model.generation_config = quantized.generation_config
-    model.save_pretrained(output_dir)
-    AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(output_dir)
+    # About 20 s, once per cache: a bar says what the first use is waiting for.
+    with tqdm(total=4, desc=f"Converting the embedded model {gguf_file} (once)", unit="stage") as progress:
+        quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
+        progress.update()
+        # The loaded weights are already de-quantized; only the GGUF quantizer attached to the model blocks saving
+        # and training, so rebuild a plain model from the config without it.
+        config = quantized.config
+        del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config = quantized.generation_config
+        progress.update()
+        model.save_pretrained(output_dir)
+        progress.update()
+        AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(output_dir)
+        progress.update()
 
 
 def resolve_model_and_args(model, args, config_cls, suffix: str):

@@ -82,7 +82,8 @@ def _with_reference_logps(trainer, dataset: Dataset) -> Dataset:
         inputs_only, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator
     )
     rows = []
-    for batch in tqdm(loader, desc="Computing reference log-probs", disable=not trainer.is_local_process_zero()):
+    progress_off = trainer.args.disable_tqdm or not trainer.is_local_process_zero()
+    for batch in tqdm(loader, desc="Computing reference log-probs", disable=progress_off):
         batch = trainer._prepare_inputs(batch)
         token_logps = reference_token_logps(trainer, batch).cpu()
         lengths = batch["attention_mask"].sum(dim=1).tolist()

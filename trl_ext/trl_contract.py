@@ -31,6 +31,8 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*trl.experimental")
     from trl.experimental.utils import create_reference_model  # noqa: F401  (a frozen copy of the policy)
 from trl.models.utils import disable_gradient_checkpointing  # noqa: F401  (no-grad passes under checkpointing)
+from trl.models.utils import unwrap_model_for_generation  # noqa: F401  (generation from DDP/ZeRO-3-wrapped models)
+from trl.scripts.env import print_env as print_trl_env  # noqa: F401  (what `trl env` prints)
 from trl.trainer.utils import (  # noqa: F401
     FusedCausalLMOutput,  # what a forward with `fused_lm_head=True` returns
     add_fused_lm_head,  # patches `forward` to take `fused_lm_head=True`

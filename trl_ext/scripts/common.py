@@ -1,0 +1,140 @@
+"""Helpers of the training scripts (`trl-ext dpo|sft`, the recipes): model loading arguments, training, printed
+summaries."""
+
+from dataclasses import dataclass, field
+
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from transformers import AutoTokenizer
+from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
+
+from ..data import load_dataset_any, space_completions
+from ..embedded import resolve_model_name
+from ..generation_eval import GenerationEvalCallback
+from ..scorers import DistinctN, RegexMatch, RepeatedNgrams
+
+
+@dataclass
+class GenerationEvalArguments:
+    """`trl_ext.GenerationEvalCallback` from the command line: off unless `--eval_gen_steps` is set."""
+
+    eval_gen_steps: int = field(default=0, metadata={
+        "help": "Generate from fixed prompts at the start, every this many steps and at the end, and log "
+                "eval_gen/repeated_3gram, eval_gen/distinct_2 (and eval_gen/alignment_accuracy with "
+                "--eval_gen_pattern); 0: off."})
+    eval_gen_prompts: int = field(default=32, metadata={
+        "help": "How many prompts: the first ones of the eval split, else of the train split (its `prompt` column)."})
+    eval_gen_pattern: str | None = field(default=None, metadata={
+        "help": "A regex; the share of completions matching it is logged as eval_gen/alignment_accuracy."})
+    eval_gen_max_new_tokens: int = field(default=32)
+    eval_gen_batch_size: int = field(default=8)
+    eval_gen_do_sample: bool = field(default=False, metadata={"help": "Sample (seeded by --seed), not greedy."})
+
+
+def add_generation_eval(trainer, args: GenerationEvalArguments, dataset) -> None:
+    """Attaches a `GenerationEvalCallback` to `trainer` as `args` say, on the first prompts of `dataset`."""
+    if args.eval_gen_steps <= 0:
+        return
+    if "prompt" not in (dataset.column_names or []):
+        raise ValueError(f"`--eval_gen_steps` generates from the dataset's `prompt` column, which it lacks (it has "
+                         f"{dataset.column_names}); use a prompt/completion or preference dataset, or "
+                         "`--eval_gen_steps 0`.")
+    prompts = [row["prompt"] for row in dataset.take(args.eval_gen_prompts)]
+    scorers = [RepeatedNgrams(), DistinctN()]
+    if args.eval_gen_pattern is not None:
+        scorers.insert(0, RegexMatch(args.eval_gen_pattern))
+    trainer.add_callback(GenerationEvalCallback(
+        trainer, prompts, scorers, eval_every=args.eval_gen_steps, max_new_tokens=args.eval_gen_max_new_tokens,
+        batch_size=args.eval_gen_batch_size, generation_kwargs={"do_sample": args.eval_gen_do_sample},
+    ))
+
+
+def load_train_and_eval(script_args: ScriptArguments, training_args):
+    """The train split of `--dataset_name` and, when evaluation is on, its `--dataset_test_split` (else None), with
+    completions that would glue to their prompt started with a space (`"over" + "the campus"`)."""
+    dataset = load_dataset_any(
+        script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming
+    ).map(space_completions)
+    eval_dataset = None
+    if training_args.eval_strategy != "no":
+        if script_args.dataset_test_split not in dataset:
+            raise ValueError(
+                f"Evaluation is on (`eval_strategy={training_args.eval_strategy}`) but the dataset has no "
+                f"`{script_args.dataset_test_split}` split (it has {list(dataset)}): set `--dataset_test_split` or "
+                "`--eval_strategy no`."
+            )
+        eval_dataset = dataset[script_args.dataset_test_split]
+    return dataset[script_args.dataset_train_split], eval_dataset
+
+
+def model_init_kwargs(model_args: ModelConfig, configured: dict | None) -> dict:
+    """TRL's `model_init_kwargs` from the `ModelConfig` flags; keys set in the training config win."""
+    kwargs = {"revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation,
+              "dtype": model_args.dtype}
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        # TRL loads on one device per process for DDP and DeepSpeed; FSDP shards the model itself, so each rank
+        # must load its copy unplaced too.
+        if PartialState().distributed_type == DistributedType.FSDP:
+            kwargs["device_map"] = None
+    return {**kwargs, **(configured or {})}
+
+
+def model_and_tokenizer(model_args: ModelConfig, training_args) -> tuple[str, AutoTokenizer]:
+    """The model's path (embedded names resolved) and its tokenizer, padding with EOS if it has no pad token; sets
+    `training_args.model_init_kwargs` from the `ModelConfig` flags."""
+    model_path = resolve_model_name(model_args.model_name_or_path)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model_path, tokenizer
+
+
+def train_and_save(trainer_cls, model, model_args: ModelConfig, training_args, train_dataset, eval_dataset=None,
+                   processing_class=None, generation_eval: GenerationEvalArguments | None = None):
+    """Builds `trainer_cls` with the quantization and LoRA of the `ModelConfig` flags (and the generation eval of
+    `generation_eval`, on the eval split's prompts if there is one), trains, saves to `output_dir`."""
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processing_class,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    if generation_eval is not None:
+        add_generation_eval(trainer, generation_eval, train_dataset if eval_dataset is None else eval_dataset)
+    trainer.accelerator.print(model_summary(trainer.model))
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Saved to {training_args.output_dir}.")
+    return trainer
+
+
+def reward_summary(log_history: list[dict], keys: tuple[str, ...] = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "dpop/penalty",
+    "dpop/active", "dpop_norm/penalty", "dpop_norm/active",
+)) -> str:
+    """A table of the first and last logged training step's loss, rewards and DPOP metrics."""
+    steps = [entry for entry in log_history if "loss" in entry and "rewards/chosen" in entry]
+    if not steps:
+        return "No training step was logged."
+    first, last = steps[0], steps[-1]
+    lines = [f"{'metric':<20}{'step ' + str(first['step']):>12}{'step ' + str(last['step']):>12}"]
+    lines += [f"{key:<20}{first[key]:>12.4f}{last[key]:>12.4f}" for key in keys if key in last]
+    return "\n".join(lines)
+
+
+def model_summary(model) -> str:
+    """One line on what is trained: the base's precision or quantization, and the trainable parameters."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    if quantization and quantization.get("load_in_4bit"):
+        precision = f"4-bit {quantization['bnb_4bit_quant_type']} ({quantization['bnb_4bit_compute_dtype']} compute)"
+    elif quantization and quantization.get("load_in_8bit"):
+        precision = "8-bit"
+    else:
+        precision = str(model.dtype).removeprefix("torch.")
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return f"Training {model.config.name_or_path}: base in {precision}, {trainable:,} trainable parameters."
