@@ -1,13 +1,21 @@
 """Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered in `trl_ext.dpo_losses` to TRL's."""
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import trl
 from datasets import Dataset, IterableDataset
 
-from .dpo_losses import PreferenceLogps, compute_registered_loss, registered_dpo_losses
+from . import citations, dpo_variants  # noqa: F401  (dpo_variants registers cdpo, rdpo, beta_dpo, npo)
+from .dpo_losses import (
+    LossContext,
+    PreferenceLogps,
+    compute_registered_loss,
+    registered_dpo_loss,
+    registered_dpo_losses,
+)
 from .embedded import resolve_model_and_args
 from .trl_contract import (
     TRL_DPO_LOSS_TYPES,
@@ -24,20 +32,45 @@ class DPOConfig(trl.DPOConfig):
     r"""
     [`trl.DPOConfig`] with trl_ext's extra loss types.
 
-    `loss_type` takes TRL's values plus every name registered with [`register_dpo_loss`]: trl_ext ships `"dpop"`
-    (DPO-Positive on summed log-probs) and `"dpop_norm"` (the same on per-token averaged log-probs). They combine
-    with TRL's through the `loss_type` list and `loss_weights`, e.g. `loss_type=["dpop", "sft"]`.
+    `loss_type` takes TRL's values plus every name registered with [`register_dpo_loss`]. trl_ext ships `"dpop"`
+    (DPO-Positive on summed log-probs), `"dpop_norm"` (the same on per-token averaged log-probs), `"cdpo"`
+    (conservative DPO, with TRL's `label_smoothing`), `"rdpo"` (R-DPO's length regulariser), `"beta_dpo"` (a
+    per-batch beta) and `"npo"` (Negative Preference Optimization on the rejected completions). They combine with
+    TRL's through the `loss_type` list and `loss_weights`, e.g. `loss_type=["dpop", "sft"]`.
 
     Parameters:
         dpop_lambda (`float`, *optional*, defaults to `50.0`):
             Weight of DPOP's penalty `max(0, -(log pi(y_w) - log ref(y_w)))`, applied inside the sigmoid and scaled by
             `beta`. Must be >= 0; `0` is exactly DPO. The paper uses 50 (with `beta=0.3`) and reports little
             sensitivity in [5, 500]. Used by `"dpop"` and `"dpop_norm"`.
+        rdpo_alpha (`float`, *optional*, defaults to `0.01`):
+            R-DPO's length weight: `rdpo_alpha * (|y_w| - |y_l|)` (in tokens) is subtracted inside the sigmoid,
+            outside `beta`. Must be >= 0; `0` is exactly DPO. The paper tunes it per setting; 0.01 is trl_ext's
+            starting point, not a value the paper prescribes.
+        beta_dpo_alpha (`float`, *optional*, defaults to `0.5`):
+            beta-DPO's `alpha` in `beta_batch = beta * (1 + alpha * (M_batch - M_running))`; `beta` is the paper's
+            `beta_0`. Must be >= 0; `0` with `beta_dpo_filter_ratio=0` is exactly DPO. The authors' config leaves it
+            at 0 and their runs set it per model; 0.5 is trl_ext's choice.
+        beta_dpo_momentum (`float`, *optional*, defaults to `0.9`):
+            Momentum of the running mean and standard deviation of the margin (the authors' code: 0.9), in [0, 1).
+        beta_dpo_filter_ratio (`float`, *optional*, defaults to `0.2`):
+            Share of each batch's pairs beta-DPO drops, preferring those whose margin is far from the running mean
+            (the authors' config: 0.2), in [0, 1); `0` keeps every pair.
     """
 
     dpop_lambda: float = field(
         default=50.0,
         metadata={"help": "Weight of the DPOP penalty (>= 0; 0 is exactly DPO). Used by `dpop` and `dpop_norm`."},
+    )
+    rdpo_alpha: float = field(
+        default=0.01, metadata={"help": "R-DPO's weight of the length difference in tokens (>= 0; 0 is DPO)."}
+    )
+    beta_dpo_alpha: float = field(default=0.5, metadata={"help": "beta-DPO's scaling of beta by the margin (>= 0)."})
+    beta_dpo_momentum: float = field(
+        default=0.9, metadata={"help": "Momentum of beta-DPO's running margin statistics, in [0, 1)."}
+    )
+    beta_dpo_filter_ratio: float = field(
+        default=0.2, metadata={"help": "Share of each batch beta-DPO drops as margin outliers, in [0, 1)."}
     )
 
     def __post_init__(self):
@@ -68,8 +101,15 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
         return
     if not isinstance(args, DPOConfig):
         raise TypeError(f"`loss_type` {extension} needs a `trl_ext.DPOConfig`, got a `{type(args).__qualname__}`.")
-    if not args.dpop_lambda >= 0 or math.isinf(args.dpop_lambda):  # `not >=` also catches NaN
-        raise ValueError(f"`dpop_lambda` must be a finite number >= 0, got {args.dpop_lambda}.")
+    for name in extension:
+        registered = registered_dpo_loss(name)
+        if registered.validate is not None:
+            registered.validate(args)
+        if registered.token_logps and args.precompute_ref_log_probs:
+            raise ValueError(
+                f"`loss_type` `{name}` reads the reference's per-token log-probs, but `precompute_ref_log_probs=True` "
+                "keeps only their sums: set it to False."
+            )
     # These TRL options reshape the log-probs or the per-pair loss inside TRL's private loss code; trl_ext's losses
     # work on the plain summed log-probs, so refuse rather than silently ignore them.
     unsupported = {
@@ -83,6 +123,10 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
                 f"`{name}={value!r}` is not supported with the trl_ext loss types {extension}; "
                 f"leave it at {default!r} or use only TRL's loss types."
             )
+
+
+# Next to the optimizer's state in each checkpoint
+LOSS_STATE_FILE = "trl_ext_loss_state.pt"
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -108,6 +152,8 @@ class DPOTrainer(trl.DPOTrainer):
         self.loss_types = [name for name, _ in weighted if name in TRL_DPO_LOSS_TYPES]
         self.loss_weights = [weight for name, weight in weighted if name in TRL_DPO_LOSS_TYPES]
         self.extension_losses = [(name, weight) for name, weight in weighted if name not in TRL_DPO_LOSS_TYPES]
+        # Running state of the stateful losses (e.g. beta-DPO's margin statistics), saved with each checkpoint
+        self.loss_states = {name: {} for name, _ in self.extension_losses if registered_dpo_loss(name).stateful}
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         _check_preference_columns(dataset, dataset_name)
@@ -129,7 +175,10 @@ class DPOTrainer(trl.DPOTrainer):
         batch = self._preference_logps(inputs, fused_outputs)
         mode = "train" if self.model.training else "eval"
         for name, weight in self.extension_losses:
-            output = compute_registered_loss(name, batch, self.args)
+            context = None
+            if name in self.loss_states:
+                context = LossContext(self.loss_states[name], mode == "train", self.accelerator.gather)
+            output = compute_registered_loss(name, batch, self.args, context)
             loss = loss + output.losses.mean() * weight
             for key, value in output.metrics.items():
                 gathered = self.accelerator.gather(value.detach().float())
@@ -148,24 +197,59 @@ class DPOTrainer(trl.DPOTrainer):
         completion_mask = inputs["completion_mask"][:, 1:]
         seq_len = completion_mask.size(1)
 
-        def sequence_logps(output: FusedCausalLMOutput):
+        def token_logps(output: FusedCausalLMOutput):
             # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real tokens, as TRL does.
-            return output.log_probs[:, -seq_len:].sum(dim=1).chunk(2)
+            return output.log_probs[:, -seq_len:].chunk(2)
 
-        chosen_logps, rejected_logps = sequence_logps(fused_outputs[0])
+        chosen_token_logps, rejected_token_logps = token_logps(fused_outputs[0])
         if self.precompute_ref_logps:
+            ref_chosen_token_logps = ref_rejected_token_logps = None
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_chosen_logps, ref_rejected_logps = sequence_logps(fused_outputs[1])
-        chosen_lengths, rejected_lengths = completion_mask.sum(dim=1).float().chunk(2)
+            ref_chosen_token_logps, ref_rejected_token_logps = token_logps(fused_outputs[1])
+            ref_chosen_logps, ref_rejected_logps = ref_chosen_token_logps.sum(1), ref_rejected_token_logps.sum(1)
+        chosen_mask, rejected_mask = completion_mask.chunk(2)
         return PreferenceLogps(
-            chosen_logps=chosen_logps,
-            rejected_logps=rejected_logps,
+            chosen_logps=chosen_token_logps.sum(dim=1),
+            rejected_logps=rejected_token_logps.sum(dim=1),
             ref_chosen_logps=ref_chosen_logps,
             ref_rejected_logps=ref_rejected_logps,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
+            chosen_lengths=chosen_mask.sum(dim=1).float(),
+            rejected_lengths=rejected_mask.sum(dim=1).float(),
+            chosen_token_logps=chosen_token_logps,
+            rejected_token_logps=rejected_token_logps,
+            ref_chosen_token_logps=ref_chosen_token_logps,
+            ref_rejected_token_logps=ref_rejected_token_logps,
+            chosen_mask=chosen_mask,
+            rejected_mask=rejected_mask,
         )
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.loss_states and self.args.should_save:
+            torch.save(self.loss_states, os.path.join(output_dir, LOSS_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.loss_states:
+            return
+        path = os.path.join(checkpoint, LOSS_STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by a trainer with the stateful losses "
+                f"{list(self.loss_states)}, so their state cannot be restored. Resume from a checkpoint of this run."
+            )
+        saved = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        for name, state in self.loss_states.items():
+            state.update(saved.get(name, {}))
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's card, citing the papers of the losses in `loss_type` (DPO's for TRL's own) and tagged with them."""
+        papers = [citations.DPO if name in TRL_DPO_LOSS_TYPES else registered_dpo_loss(name).citation
+                  for name in self.args.loss_type]
+        self._paper = citations.model_card_paper([paper for paper in papers if paper], type(self)._paper)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(model_name, dataset_name, [*tags, *self.args.loss_type])
 
 
 def _check_preference_columns(dataset, dataset_name: str) -> None:

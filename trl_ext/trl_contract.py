@@ -105,7 +105,13 @@ PRIVATE_METHODS = (
     PrivateMethod(transformers.Trainer, "_set_signature_columns_if_needed", ("self",)),
     # ...and moves the batches of its reference precompute to the device as the Trainer does
     PrivateMethod(transformers.Trainer, "_prepare_inputs", ("self", "inputs")),
+    # trl_ext.DPOTrainer saves and restores its stateful losses' state next to the optimizer's in each checkpoint
+    PrivateMethod(transformers.Trainer, "_save_optimizer_and_scheduler", ("self", "output_dir")),
+    PrivateMethod(transformers.Trainer, "_load_optimizer_and_scheduler", ("self", "checkpoint")),
 )
+# Both trainers cite the papers of the losses they trained through `_paper`, the dictionary TRL's
+# `create_model_card` reads (keys `title`, `id`, `citation`) and each TRL trainer class sets.
+MODEL_CARD_PAPER_KEYS = ("title", "id", "citation")
 
 
 def check_private_methods() -> None:
