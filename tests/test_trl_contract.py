@@ -233,3 +233,16 @@ def test_recorded_forwards_are_verified(recorded, message):
     expected = [ExpectedForward("policy", 8, 5, True), ExpectedForward("reference", 8, 5, False)]
     with pytest.raises(TRLContractError, match=message):
         check_recorded_forwards("trl.DPOTrainer._compute_loss", recorded, expected)
+
+
+def test_model_card_cites_the_trainers_paper_dictionary(tiny_model_dir, preference_dataset, tmp_path):
+    """trl_ext's trainers cite their losses by setting `_paper`, which TRL's `create_model_card` reads."""
+    assert set(trl.DPOTrainer._paper) == set(trl_contract.MODEL_CARD_PAPER_KEYS)
+    trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path))
+    trainer._paper = {"title": "A stand-in title", "id": "0000.00000", "citation": "@misc{stand_in}"}
+    trainer.create_model_card(model_name="tiny", tags=["stand-in-tag"])
+    card = (tmp_path / "README.md").read_text()
+    assert "[A stand-in title](https://huggingface.co/papers/0000.00000)" in card
+    assert "@misc{stand_in}" in card
+    assert "- stand-in-tag\n" in card

@@ -1,0 +1,120 @@
+"""cDPO, R-DPO, beta-DPO and NPO in `trl_ext.DPOTrainer` on the tiny random Llama; per-token losses; model cards."""
+
+import math
+import os
+
+import pytest
+import torch
+import trl
+
+from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss
+from trl_ext.dpo import LOSS_STATE_FILE
+
+from .conftest import make_config, step_logs, train
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"loss_type": "cdpo", "label_smoothing": 0.0}, {"loss_type": "rdpo", "rdpo_alpha": 0.0}],
+    ids=lambda fields: fields["loss_type"],
+)
+def test_degenerate_setting_trains_as_trl_sigmoid(tiny_model_dir, preference_dataset, tmp_path, fields):
+    ours = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "ours", **fields)
+    theirs = train(trl.DPOTrainer, trl.DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "trl",
+                   loss_type="sigmoid")
+    ours_logs = step_logs(ours, drop={"rdpo/length_difference"})
+    assert ours_logs == step_logs(theirs)
+
+
+def test_cdpo_and_rdpo_first_step_by_hand(tiny_model_dir, preference_dataset, tmp_path):
+    """At step 0 policy = reference, so every margin is 0: cDPO's loss is log 2 whatever the smoothing, and R-DPO's
+    is softplus(alpha * (|y_w| - |y_l|)) with the tokenized lengths."""
+    cdpo = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "cdpo", loss_type="cdpo",
+                 label_smoothing=0.2, max_steps=1)
+    assert step_logs(cdpo)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    rdpo = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "rdpo", loss_type="rdpo",
+                 rdpo_alpha=0.1, max_steps=1)
+    log = step_logs(rdpo)[0]
+    difference = log["rdpo/length_difference"]
+    assert difference != 0  # the test sentences differ in length
+    assert log["loss"] == pytest.approx(math.log1p(math.exp(0.1 * difference)), abs=1e-5)
+
+
+def test_npo_lowers_the_rejected_likelihood(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path, loss_type="npo",
+                    learning_rate=5e-3, max_steps=4)
+    logs = step_logs(trainer)
+    assert logs[0]["loss"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)  # rho = 0: (2 / beta) log 2
+    assert logs[-1]["rewards/rejected"] < -0.1
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+BETA_DPO = dict(loss_type="beta_dpo", beta_dpo_alpha=1.0, beta_dpo_filter_ratio=0.25)
+
+
+def test_beta_dpo_logs_its_effective_beta(tiny_model_dir, preference_dataset, tmp_path):
+    logs = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path, **BETA_DPO))
+    assert logs[0]["beta_dpo/beta"] == pytest.approx(0.1)  # margins 0, running mean 0
+    assert logs[0]["beta_dpo/kept"] == pytest.approx(0.75)  # 3 of 4 pairs
+    assert logs[-1]["beta_dpo/running_mean"] != 0
+    assert logs[-1]["beta_dpo/beta"] != pytest.approx(0.1)
+
+
+def test_beta_dpo_state_survives_resume(tiny_model_dir, preference_dataset, tmp_path):
+    full = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "full", max_steps=4,
+                 save_strategy="steps", save_steps=2, **BETA_DPO)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / LOSS_STATE_FILE).is_file()
+    resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(DPOConfig, tmp_path / "resumed", max_steps=4, **BETA_DPO))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    keys = ("beta_dpo/beta", "beta_dpo/running_mean", "beta_dpo/running_std", "loss")
+    # The resumed history starts with the checkpoint's two steps
+    assert [[log[key] for key in keys] for log in step_logs(resumed)[2:]] == [
+        [log[key] for key in keys] for log in step_logs(full)[2:]
+    ]
+
+    os.remove(checkpoint / LOSS_STATE_FILE)
+    with pytest.raises(FileNotFoundError, match=LOSS_STATE_FILE):
+        DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                   args=make_config(DPOConfig, tmp_path / "again", max_steps=4, **BETA_DPO)
+                   ).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_registered_loss_receives_per_token_log_probs(tiny_model_dir, preference_dataset, tmp_path):
+    seen = {}
+
+    @register_dpo_loss("test_token_level", token_logps=True)
+    def token_level(batch, config):
+        seen["sums"] = (batch.chosen_token_logps * batch.chosen_mask).sum(1), batch.chosen_logps
+        seen["ref"] = (batch.ref_rejected_token_logps * batch.rejected_mask).sum(1), batch.ref_rejected_logps
+        seen["lengths"] = batch.chosen_mask.sum(1).float(), batch.chosen_lengths
+        per_token_margin = batch.chosen_token_logps - batch.ref_chosen_token_logps
+        return PreferenceLossOutput(per_token_margin.sum(1) * 0, {"tokens": batch.chosen_mask.sum(1).float()})
+
+    train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path, loss_type=["sigmoid", "test_token_level"],
+          max_steps=1)
+    for computed, given in seen.values():
+        torch.testing.assert_close(computed, given)
+    with pytest.raises(ValueError, match=r"`test_token_level` reads the reference's per-token log-probs"):
+        make_config(DPOConfig, tmp_path, loss_type="test_token_level", precompute_ref_log_probs=True)
+
+
+@pytest.mark.parametrize(
+    "loss_type, cited, not_cited",
+    [(["dpop"], ["2402.13228"], ["2305.18290"]), (["sigmoid", "npo"], ["2305.18290", "2404.05868"], ["2402.13228"])],
+    ids=["dpop", "sigmoid+npo"],
+)
+def test_model_card_cites_the_losses_used(tiny_model_dir, preference_dataset, tmp_path, loss_type, cited, not_cited):
+    trainer = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(DPOConfig, tmp_path, loss_type=loss_type))
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    for arxiv_id in cited:
+        assert f"eprint        = {{{arxiv_id}}}" in card
+    for arxiv_id in not_cited:
+        assert arxiv_id not in card
+    assert f"https://huggingface.co/papers/{cited[0]}" in card  # "a method introduced in" the first one
+    tags = card.split("---")[1]
+    for name in ["trl-ext", *loss_type]:
+        assert f"- {name}\n" in tags
