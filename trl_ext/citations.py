@@ -51,3 +51,17 @@ def model_card_paper(citations: list[Citation], fallback: dict) -> dict:
         return fallback
     return {"title": unique[0].title, "id": unique[0].arxiv_id,
             "citation": "\n\n".join(citation.bibtex for citation in unique)}
+
+
+class CitesItsLosses:
+    """Mixin for a TRL trainer: its model card cites `loss_papers()` (TRL's class paper if none) and is tagged with
+    the names in `loss_type`."""
+
+    def loss_papers(self) -> list[Citation]:
+        raise NotImplementedError
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        self._paper = model_card_paper(self.loss_papers(), type(self)._paper)
+        loss_types = [self.args.loss_type] if isinstance(self.args.loss_type, str) else self.args.loss_type
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        super().create_model_card(model_name, dataset_name, [*tags, *loss_types])

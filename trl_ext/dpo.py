@@ -129,7 +129,7 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
 LOSS_STATE_FILE = "trl_ext_loss_state.pt"
 
 
-class DPOTrainer(trl.DPOTrainer):
+class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
     """
     [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (`"dpop"`,
     `"dpop_norm"`, and the user's). Same constructor, datasets, metrics and reference-model handling as TRL's.
@@ -243,13 +243,11 @@ class DPOTrainer(trl.DPOTrainer):
         for name, state in self.loss_states.items():
             state.update(saved.get(name, {}))
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        """TRL's card, citing the papers of the losses in `loss_type` (DPO's for TRL's own) and tagged with them."""
+    def loss_papers(self) -> list[citations.Citation]:
+        """The papers of the losses in `loss_type`: DPO's for TRL's own, each registered loss's own if it has one."""
         papers = [citations.DPO if name in TRL_DPO_LOSS_TYPES else registered_dpo_loss(name).citation
                   for name in self.args.loss_type]
-        self._paper = citations.model_card_paper([paper for paper in papers if paper], type(self)._paper)
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        super().create_model_card(model_name, dataset_name, [*tags, *self.args.loss_type])
+        return [paper for paper in papers if paper is not None]
 
 
 def _check_preference_columns(dataset, dataset_name: str) -> None:
