@@ -1,4 +1,4 @@
-"""cDPO, R-DPO, beta-DPO and NPO in `trl_ext.DPOTrainer` on the tiny random Llama; per-token losses; model cards."""
+"""cDPO, R-DPO, beta-DPO, NPO and TDPO in `trl_ext.DPOTrainer` on the tiny random Llama; per-token losses; model cards."""
 
 import math
 import os
@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 import trl
+from transformers import AutoModelForCausalLM
 
 from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss
 from trl_ext.dpo import LOSS_STATE_FILE
+from trl_ext.preference_losses import token_kl
 
 from .conftest import make_config, step_logs, train
 
@@ -118,3 +120,43 @@ def test_model_card_cites_the_losses_used(tiny_model_dir, preference_dataset, tm
     tags = card.split("---")[1]
     for name in ["trl-ext", *loss_type]:
         assert f"- {name}\n" in tags
+
+
+def test_vocabulary_kl_equals_the_kl_of_full_logits(tiny_model_dir, preference_dataset, tmp_path):
+    """The chunked KL from recorded hidden states against the KL of both models' full logits."""
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in ref_model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    seen = {}
+
+    @register_dpo_loss("test_vocabulary_kl", vocabulary_kl=True)
+    def record_kl(batch, config):
+        seen["kl"] = torch.cat([batch.chosen_token_kl, batch.rejected_token_kl])
+        return batch.margins * 0
+
+    trainer = DPOTrainer(model=tiny_model_dir, ref_model=ref_model, train_dataset=preference_dataset,
+                         args=make_config(DPOConfig, tmp_path, loss_type="test_vocabulary_kl"))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.compute_loss(trainer.model, inputs)
+    model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        policy_logits = trainer.model(**model_inputs).logits[:, :-1]
+        ref_logits = trainer.ref_model(**model_inputs).logits[:, :-1]
+    expected = token_kl(policy_logits.flatten(0, 1), ref_logits.flatten(0, 1)).view(policy_logits.shape[:2])
+    expected = expected * inputs["completion_mask"][:, 1:]
+    assert expected.sum() > 0
+    torch.testing.assert_close(seen["kl"].detach(), expected, atol=1e-5, rtol=1e-4)
+    assert seen["kl"].requires_grad
+
+
+def test_tdpo_trains_from_zero_kl(tiny_model_dir, preference_dataset, tmp_path):
+    for loss_type in ("tdpo1", "tdpo2"):
+        logs = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / loss_type,
+                               loss_type=loss_type, learning_rate=5e-3))
+        # policy = reference at step 0: no KL, DPO's log 2
+        assert logs[0][f"{loss_type}/kl_chosen"] == pytest.approx(0.0, abs=1e-6)
+        assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert logs[-1][f"{loss_type}/kl_rejected"] > 0
+        assert logs[-1]["rewards/margins"] > 0

@@ -1,4 +1,4 @@
-"""cDPO, R-DPO, beta-DPO and NPO (`trl_ext.preference_losses` and their registrations) against hand-computed numbers."""
+"""cDPO, R-DPO, beta-DPO, NPO and TDPO (`trl_ext.preference_losses`, their registrations) against hand-computed numbers."""
 
 import math
 
@@ -14,6 +14,9 @@ from trl_ext.preference_losses import (
     cdpo_loss,
     npo_loss,
     rdpo_loss,
+    sequential_kl,
+    tdpo_loss,
+    token_kl,
     weighted_sigmoid_loss,
 )
 
@@ -146,8 +149,48 @@ def test_degenerate_settings_are_dpo_exactly(tmp_path, fields):
         ({"loss_type": "beta_dpo", "beta_dpo_alpha": math.inf}, r"`beta_dpo_alpha` must be a finite number >= 0"),
         ({"loss_type": "beta_dpo", "beta_dpo_momentum": 1.0}, r"`beta_dpo_momentum` must be in \[0, 1\)"),
         ({"loss_type": "beta_dpo", "beta_dpo_filter_ratio": 1.0}, r"`beta_dpo_filter_ratio` must be in \[0, 1\)"),
+        ({"loss_type": "tdpo2", "tdpo_alpha": -1.0}, r"`tdpo_alpha` must be a finite number >= 0, got -1.0"),
+        ({"loss_type": "tdpo1", "precompute_ref_log_probs": True},
+         r"`tdpo1` reads the reference's per-token log-probs, but `precompute_ref_log_probs=True`"),
     ],
 )
 def test_bad_hyperparameters_are_refused_naming_the_field(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
         _config(tmp_path, **fields)
+
+
+def test_tdpo_by_hand():
+    margin, chosen_kl, rejected_kl = torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([2.0])
+    # TDPO1: beta * (1 - (2 - 0.5)) = -0.05; TDPO2 with alpha 0.5: beta * (1 - 0.5 * 1.5) = 0.025
+    assert tdpo_loss(margin, chosen_kl, rejected_kl, beta=0.1).item() == pytest.approx(_softplus(0.05), abs=1e-7)
+    assert tdpo_loss(margin, chosen_kl, rejected_kl, beta=0.1, alpha=0.5).item() == pytest.approx(_softplus(-0.025),
+                                                                                               abs=1e-7)
+
+
+def test_tdpo2_stops_the_gradient_of_the_chosen_kl():
+    chosen_kl, rejected_kl = torch.tensor([0.5], requires_grad=True), torch.tensor([2.0], requires_grad=True)
+    tdpo_loss(torch.tensor([1.0]), chosen_kl, rejected_kl, beta=0.1, alpha=0.5).sum().backward()
+    assert chosen_kl.grad is None  # no path from the loss back to it
+    # d/dD_l of softplus(-beta * (m - alpha * D_l)) = beta * alpha * sigmoid(-0.025)
+    assert rejected_kl.grad.item() == pytest.approx(0.05 * torch.sigmoid(torch.tensor(-0.025)).item(), rel=1e-6)
+
+
+def test_token_kl_by_hand():
+    # ref = (1/2, 1/2), pi = (3/4, 1/4): KL = 1/2 log(2/3) + 1/2 log 2
+    kl = token_kl(torch.log(torch.tensor([[0.75, 0.25]])), torch.zeros(1, 2))
+    assert kl.item() == pytest.approx(0.5 * math.log(2 / 3) + 0.5 * math.log(2), abs=1e-7)
+
+
+def test_sequential_kl_in_chunks_equals_full_logits_with_gradient():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=generator, requires_grad=True)
+    ref_weight = torch.randn(50, 8, generator=generator)
+    hidden = torch.randn(10, 8, generator=generator, requires_grad=True)
+    ref_hidden = torch.randn(10, 8, generator=generator)
+    chunked = sequential_kl(hidden, ref_hidden, lambda h: h @ weight.T, lambda h: h @ ref_weight.T, chunk_size=4)
+    full = token_kl(hidden @ weight.T, ref_hidden @ ref_weight.T)
+    torch.testing.assert_close(chunked, full)
+    chunked_grads = torch.autograd.grad(chunked.sum(), (weight, hidden))
+    full_grads = torch.autograd.grad(full.sum(), (weight, hidden))
+    for chunked_grad, full_grad in zip(chunked_grads, full_grads, strict=True):
+        torch.testing.assert_close(chunked_grad, full_grad)

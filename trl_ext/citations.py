@@ -39,6 +39,7 @@ BETA_DPO = _arxiv("wu2024betadpo", "beta-DPO: Direct Preference Optimization wit
 NPO = _arxiv("zhang2024negative",
              "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
              "Zhang, Ruiqi", 2024, "2404.05868")
+TDPO = _arxiv("zeng2024token", "Token-level Direct Preference Optimization", "Zeng, Yongcheng", 2024, "2404.11999")
 IFT = _arxiv("hua2024intuitive", "Intuitive Fine-Tuning: Towards Simplifying Alignment into a Single Process",
              "Hua, Ermo", 2024, "2405.11870")
 

@@ -1,14 +1,15 @@
 """Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered in `trl_ext.dpo_losses` to TRL's."""
 
+import contextlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import trl
 from datasets import Dataset, IterableDataset
 
-from . import citations, dpo_variants  # noqa: F401  (dpo_variants registers cdpo, rdpo, beta_dpo, npo)
+from . import citations, dpo_variants, tdpo  # noqa: F401  (they register cdpo, rdpo, beta_dpo, npo, tdpo1, tdpo2)
 from .dpo_losses import (
     LossContext,
     PreferenceLogps,
@@ -24,6 +25,7 @@ from .trl_contract import (
     check_recorded_forwards,
     default_bf16_to_what_the_machine_supports,
     record_fused_outputs,
+    record_last_hidden_states,
 )
 
 
@@ -35,8 +37,9 @@ class DPOConfig(trl.DPOConfig):
     `loss_type` takes TRL's values plus every name registered with [`register_dpo_loss`]. trl_ext ships `"dpop"`
     (DPO-Positive on summed log-probs), `"dpop_norm"` (the same on per-token averaged log-probs), `"cdpo"`
     (conservative DPO, with TRL's `label_smoothing`), `"rdpo"` (R-DPO's length regulariser), `"beta_dpo"` (a
-    per-batch beta) and `"npo"` (Negative Preference Optimization on the rejected completions). They combine with
-    TRL's through the `loss_type` list and `loss_weights`, e.g. `loss_type=["dpop", "sft"]`.
+    per-batch beta), `"npo"` (Negative Preference Optimization on the rejected completions) and `"tdpo1"` /
+    `"tdpo2"` (token-level DPO). They combine with TRL's through the `loss_type` list and `loss_weights`, e.g.
+    `loss_type=["dpop", "sft"]`.
 
     Parameters:
         dpop_lambda (`float`, *optional*, defaults to `50.0`):
@@ -56,6 +59,8 @@ class DPOConfig(trl.DPOConfig):
         beta_dpo_filter_ratio (`float`, *optional*, defaults to `0.2`):
             Share of each batch's pairs beta-DPO drops, preferring those whose margin is far from the running mean
             (the authors' config: 0.2), in [0, 1); `0` keeps every pair.
+        tdpo_alpha (`float`, *optional*, defaults to `0.5`):
+            TDPO2's weight of the sequential-KL difference (the authors' code: 0.5), >= 0.
     """
 
     dpop_lambda: float = field(
@@ -72,6 +77,7 @@ class DPOConfig(trl.DPOConfig):
     beta_dpo_filter_ratio: float = field(
         default=0.2, metadata={"help": "Share of each batch beta-DPO drops as margin outliers, in [0, 1)."}
     )
+    tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's weight of the sequential-KL difference."})
 
     def __post_init__(self):
         default_bf16_to_what_the_machine_supports(self)
@@ -125,6 +131,11 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
             )
 
 
+@contextlib.contextmanager
+def _record_nothing(*models):
+    yield []
+
+
 # Next to the optimizer's state in each checkpoint
 LOSS_STATE_FILE = "trl_ext_loss_state.pt"
 
@@ -154,6 +165,10 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
         self.extension_losses = [(name, weight) for name, weight in weighted if name not in TRL_DPO_LOSS_TYPES]
         # Running state of the stateful losses (e.g. beta-DPO's margin statistics), saved with each checkpoint
         self.loss_states = {name: {} for name, _ in self.extension_losses if registered_dpo_loss(name).stateful}
+        self.vocabulary_kl_losses = [name for name, _ in self.extension_losses
+                                     if registered_dpo_loss(name).vocabulary_kl]
+        if self.vocabulary_kl_losses:
+            tdpo.check_plain_lm_head(self.model, self.vocabulary_kl_losses)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         _check_preference_columns(dataset, dataset_name)
@@ -167,12 +182,17 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
         # or the policy itself with its adapter disabled.
         reference = [self.ref_model] if self.ref_model is not None else []
         policy_has_grad = torch.is_grad_enabled()
-        with record_fused_outputs(self.accelerator, model, *reference) as fused_outputs:
+        record_hidden = record_last_hidden_states if self.vocabulary_kl_losses else _record_nothing
+        with record_fused_outputs(self.accelerator, model, *reference) as fused_outputs, \
+                record_hidden(self.accelerator, model, *reference) as hidden_states:
             result = super()._compute_loss(model, inputs, return_outputs)
         loss, outputs = result if return_outputs else (result, None)
 
         self._check_forwards(inputs, fused_outputs, policy_has_grad)
         batch = self._preference_logps(inputs, fused_outputs)
+        if self.vocabulary_kl_losses:
+            chosen_token_kl, rejected_token_kl = tdpo.token_kls(self, inputs, hidden_states)
+            batch = replace(batch, chosen_token_kl=chosen_token_kl, rejected_token_kl=rejected_token_kl)
         mode = "train" if self.model.training else "eval"
         for name, weight in self.extension_losses:
             context = None

@@ -42,7 +42,9 @@ class PreferenceLogps:
 
     The per-sequence ones are summed over the completion tokens (TRL's convention) and are `(B,)`. The per-token ones
     are `(B, T)`, zero off the completion (`chosen_mask`, `rejected_mask`); the reference's are `None` when its
-    log-probs are precomputed (TRL stores only their sums). The policy's tensors carry gradient, the reference's not.
+    log-probs are precomputed (TRL stores only their sums). `chosen_token_kl` / `rejected_token_kl` hold
+    `KL(ref || pi)` of the next-token distributions over the vocabulary at each completion position, filled only for
+    losses registered with `vocabulary_kl=True`. The policy's tensors carry gradient, the reference's not.
     """
 
     chosen_logps: torch.Tensor
@@ -57,6 +59,8 @@ class PreferenceLogps:
     ref_rejected_token_logps: torch.Tensor | None = None
     chosen_mask: torch.Tensor | None = None  # (B, T) 1 on completion tokens
     rejected_mask: torch.Tensor | None = None
+    chosen_token_kl: torch.Tensor | None = None
+    rejected_token_kl: torch.Tensor | None = None
 
     @property
     def chosen_logratios(self) -> torch.Tensor:
@@ -118,6 +122,7 @@ class RegisteredLoss:
     token_logps: bool = False
     stateful: bool = False
     validate: Callable[["DPOConfig"], None] | None = None  # noqa: F821
+    vocabulary_kl: bool = False
 
 
 _REGISTRY: dict[str, RegisteredLoss] = {}
@@ -125,7 +130,7 @@ _REGISTRY: dict[str, RegisteredLoss] = {}
 
 def register_dpo_loss(
     name: str, *, citation: Citation | None = None, token_logps: bool = False, stateful: bool = False,
-    validate: Callable | None = None,
+    validate: Callable | None = None, vocabulary_kl: bool = False,
 ) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
     """Decorator that makes `name` a valid `DPOConfig.loss_type` computed by the decorated function.
 
@@ -142,6 +147,9 @@ def register_dpo_loss(
         stateful: the function takes a third argument, a [`LossContext`] whose `state` survives steps and
             checkpoints (e.g. running statistics).
         validate: called with the config when it is created; raise a `ValueError` naming the field and the fix.
+        vocabulary_kl: the loss reads `chosen_token_kl` / `rejected_token_kl`, the per-position KL over the
+            vocabulary, which the trainer computes from both models' last hidden states, a chunk of positions at a
+            time (an extra LM-head pass for each model); implies `token_logps`.
     """
     if name in TRL_DPO_LOSS_TYPES:
         raise ValueError(f"`{name}` is one of TRL's own DPO loss types and cannot be registered again.")
@@ -150,7 +158,7 @@ def register_dpo_loss(
         if name in _REGISTRY and _REGISTRY[name].fn is not fn:
             warnings.warn(f"Replacing the DPO loss `{name}` ({_REGISTRY[name].fn.__qualname__}) with "
                           f"{fn.__qualname__}.", stacklevel=2)
-        _REGISTRY[name] = RegisteredLoss(fn, citation, token_logps, stateful, validate)
+        _REGISTRY[name] = RegisteredLoss(fn, citation, token_logps or vocabulary_kl, stateful, validate, vocabulary_kl)
         return fn
 
     return decorator

@@ -166,6 +166,31 @@ def record_fused_outputs(
             handle.remove()
 
 
+def lm_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a fused forward runs before its LM head: the causal LM's `base_model` (TRL's `add_fused_lm_head`
+    calls `getattr(self, "base_model")` under transformers 5), inside a PEFT wrapper if there is one."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.base_model
+
+
+@contextlib.contextmanager
+def record_last_hidden_states(accelerator: Accelerator, *models: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects, in call order, the `last_hidden_state` `(B, L, H)` of every backbone forward of `models` (with its
+    autograd graph), as [`record_fused_outputs`] collects the fused outputs of the same forwards."""
+    hidden_states: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        hidden_states.append(output.last_hidden_state)
+
+    backbones = {id(backbone): backbone for backbone in (lm_backbone(accelerator.unwrap_model(m)) for m in models)}
+    handles = [backbone.register_forward_hook(record) for backbone in backbones.values()]
+    try:
+        yield hidden_states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @dataclass(frozen=True)
 class ExpectedForward:
     """One fused forward trl_ext expects TRL to run: its role, rows, label positions, and whether it has gradient."""
