@@ -12,7 +12,7 @@ from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_lo
 from trl_ext.dpo import LOSS_STATE_FILE
 from trl_ext.preference_losses import token_kl
 
-from .conftest import make_config, step_logs, train
+from .conftest import LORA, make_config, step_logs, train
 
 
 @pytest.mark.parametrize(
@@ -160,3 +160,35 @@ def test_tdpo_trains_from_zero_kl(tiny_model_dir, preference_dataset, tmp_path):
         assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
         assert logs[-1][f"{loss_type}/kl_rejected"] > 0
         assert logs[-1]["rewards/margins"] > 0
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full_fine_tuning", "peft"])
+def test_sdpo_policy_becomes_the_reference_at_each_stage(tiny_model_dir, preference_dataset, tmp_path, peft):
+    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path,
+                    {"peft_config": LORA} if peft else None, loss_type="sigmoid", sdpo_stages=2, max_steps=4,
+                    learning_rate=5e-3)
+    margins = [log["rewards/margins"] for log in step_logs(trainer)]
+    # Steps 1 and 3 start a stage: the policy is the reference, every log-ratio is 0
+    assert margins[0] == 0.0 and margins[2] == pytest.approx(0.0, abs=1e-6)
+    assert margins[1] > 0 and margins[3] > 0
+
+
+def test_sdpo_with_one_stage_is_plain_dpo(tiny_model_dir, preference_dataset, tmp_path):
+    ours = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "ours", sdpo_stages=1)
+    theirs = train(trl.DPOTrainer, trl.DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "trl")
+    assert step_logs(ours) == step_logs(theirs)
+
+
+def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"`sdpo_stages` must be an integer >= 1, got 0"):
+        make_config(DPOConfig, tmp_path, sdpo_stages=0)
+    with pytest.raises(ValueError, match=r"`sdpo_stages=2` replaces the reference .* `precompute_ref_log_probs=True`"):
+        DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                   args=make_config(DPOConfig, tmp_path, sdpo_stages=2, precompute_ref_log_probs=True))
+    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "first", sdpo_stages=2,
+                    max_steps=4, save_strategy="steps", save_steps=3)
+    resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(DPOConfig, tmp_path / "resumed", sdpo_stages=2, max_steps=4))
+    with pytest.raises(ValueError, match=r"Resuming sDPO from step 3, past the stage boundary at step 2"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-3"))
+    assert trainer.state.global_step == 4

@@ -9,7 +9,7 @@ import torch
 import trl
 from datasets import Dataset, IterableDataset
 
-from . import citations, dpo_variants, tdpo  # noqa: F401  (they register cdpo, rdpo, beta_dpo, npo, tdpo1, tdpo2)
+from . import citations, dpo_variants, sdpo, tdpo  # noqa: F401  (dpo_variants, tdpo register their losses)
 from .dpo_losses import (
     LossContext,
     PreferenceLogps,
@@ -61,6 +61,9 @@ class DPOConfig(trl.DPOConfig):
             (the authors' config: 0.2), in [0, 1); `0` keeps every pair.
         tdpo_alpha (`float`, *optional*, defaults to `0.5`):
             TDPO2's weight of the sequential-KL difference (the authors' code: 0.5), >= 0.
+        sdpo_stages (`int`, *optional*, defaults to `1`):
+            sDPO: split training into this many equal stages of optimizer steps; at each stage boundary the current
+            policy becomes the reference. Works with any `loss_type`; `1` is plain training.
     """
 
     dpop_lambda: float = field(
@@ -78,6 +81,9 @@ class DPOConfig(trl.DPOConfig):
         default=0.2, metadata={"help": "Share of each batch beta-DPO drops as margin outliers, in [0, 1)."}
     )
     tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's weight of the sequential-KL difference."})
+    sdpo_stages: int = field(
+        default=1, metadata={"help": "sDPO stages: the policy becomes the reference at each boundary (1: plain)."}
+    )
 
     def __post_init__(self):
         default_bf16_to_what_the_machine_supports(self)
@@ -95,6 +101,9 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
     for name, value in weights.items():
         if not math.isfinite(value):
             raise ValueError(f"`{name}` must be a finite number, got {value}.")
+    stages = getattr(args, "sdpo_stages", 1)
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"`sdpo_stages` must be an integer >= 1, got {stages!r}.")
     unknown = [name for name in loss_types if name not in valid]
     if unknown:
         raise ValueError(
@@ -169,6 +178,9 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
                                      if registered_dpo_loss(name).vocabulary_kl]
         if self.vocabulary_kl_losses:
             tdpo.check_plain_lm_head(self.model, self.vocabulary_kl_losses)
+        if self.args.sdpo_stages > 1:
+            sdpo.check_stages_can_run(self)
+            self.add_callback(sdpo.StagewiseReference(self))
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         _check_preference_columns(dataset, dataset_name)
