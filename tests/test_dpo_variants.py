@@ -1,4 +1,5 @@
-"""cDPO, R-DPO, beta-DPO, NPO and TDPO in `trl_ext.DPOTrainer` on the tiny random Llama; per-token losses; model cards."""
+"""cDPO, R-DPO, beta-DPO, NPO, TDPO and sDPO in `trl_ext.DPOTrainer` on the tiny random Llama; per-token losses;
+model cards."""
 
 import math
 import os
@@ -94,8 +95,8 @@ def test_registered_loss_receives_per_token_log_probs(tiny_model_dir, preference
         per_token_margin = batch.chosen_token_logps - batch.ref_chosen_token_logps
         return PreferenceLossOutput(per_token_margin.sum(1) * 0, {"tokens": batch.chosen_mask.sum(1).float()})
 
-    train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path, loss_type=["sigmoid", "test_token_level"],
-          max_steps=1)
+    train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path,
+          loss_type=["sigmoid", "test_token_level"], max_steps=1)
     for computed, given in seen.values():
         torch.testing.assert_close(computed, given)
     with pytest.raises(ValueError, match=r"`test_token_level` reads the reference's per-token log-probs"):

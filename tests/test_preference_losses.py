@@ -1,4 +1,5 @@
-"""cDPO, R-DPO, beta-DPO, NPO and TDPO (`trl_ext.preference_losses`, their registrations) against hand-computed numbers."""
+"""cDPO, R-DPO, beta-DPO, NPO and TDPO (`trl_ext.preference_losses`, their registrations) against numbers computed
+by hand."""
 
 import math
 
@@ -51,8 +52,8 @@ def test_npo_by_hand_and_its_gradient_vanishes():
     rho = torch.tensor([-2.0, 0.0, -40.0], dtype=torch.float64, requires_grad=True)
     losses = npo_loss(rho, beta=0.5)
     # (2 / 0.5) * softplus(0.5 * rho): 4 softplus(-1), 4 log 2, ~0
-    torch.testing.assert_close(losses.detach(), torch.tensor([4 * _softplus(-1.0), 4 * math.log(2), 4 * _softplus(-20.0)],
-                                                            dtype=torch.float64))
+    expected = [4 * _softplus(-1.0), 4 * math.log(2), 4 * _softplus(-20.0)]
+    torch.testing.assert_close(losses.detach(), torch.tensor(expected, dtype=torch.float64))
     losses.sum().backward()
     # d/d rho = 2 sigmoid(beta * rho): 2 sigmoid(-1) = 0.537883, 1, ~4e-9 (gradient ascent would give 1 everywhere)
     torch.testing.assert_close(rho.grad, 2 * torch.sigmoid(0.5 * rho.detach()))
@@ -132,8 +133,8 @@ def test_degenerate_settings_are_dpo_exactly(tmp_path, fields):
     generator = torch.Generator().manual_seed(0)
     chosen, rejected = torch.randn(2, 64, generator=generator, dtype=torch.float64) * 3
     lengths = torch.randint(1, 50, (2, 64), generator=generator).double()
-    batch = PreferenceLogps(chosen, rejected, torch.zeros(64, dtype=torch.float64), torch.zeros(64, dtype=torch.float64),
-                            *lengths)
+    zeros = torch.zeros(64, dtype=torch.float64)
+    batch = PreferenceLogps(chosen, rejected, zeros, zeros, *lengths)
     output = compute_registered_loss(fields["loss_type"], batch, _config(tmp_path, **fields), _context())
     # trl.DPOTrainer's sigmoid: -F.logsigmoid(self.beta * delta_score)
     assert torch.equal(output.losses, -F.logsigmoid(0.1 * (chosen - rejected)))

@@ -43,7 +43,7 @@ def test_dpo_config_refusals(tmp_path, config, message):
         ({"loss_type": "ift", "neftune_noise_alpha": 5.0},
          r"`neftune_noise_alpha` is not supported with `loss_type='ift'`: its noise would enter the passes `ift` runs"),
         ({"loss_type": "kl_sft", "neftune_noise_alpha": 5.0},
-         r"`neftune_noise_alpha` is not supported with `loss_type='kl_sft'`.*a penalty toward the reference would measure noise"),
+         r"`neftune_noise_alpha` is not supported with `loss_type='kl_sft'`.*toward the reference would measure noise"),
         ({"loss_type": "kl_sft", "label_smoothing_factor": 0.1},
          r"`label_smoothing_factor=0.1` is not supported with `loss_type='kl_sft'`.*Set it to 0"),
         ({"loss_type": "kl_sft", "precompute_ref_log_probs": True, "packing": True},

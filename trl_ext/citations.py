@@ -18,8 +18,9 @@ class Citation:
 
 
 def _arxiv(key: str, title: str, first_author: str, year: int, arxiv_id: str) -> Citation:
-    bibtex = (f"@misc{{{key},\n    title         = {{{{{title}}}}},\n    author        = {{{first_author} and others}},\n"
-              f"    year          = {year},\n    eprint        = {{{arxiv_id}}},\n    archivePrefix = {{arXiv}},\n}}")
+    bibtex = (f"@misc{{{key},\n    title         = {{{{{title}}}}},\n"
+              f"    author        = {{{first_author} and others}},\n    year          = {year},\n"
+              f"    eprint        = {{{arxiv_id}}},\n    archivePrefix = {{arXiv}},\n}}")
     return Citation(title, arxiv_id, bibtex)
 
 

@@ -54,7 +54,8 @@ def _check_beta_dpo(config) -> None:
         raise ValueError(f"`beta_dpo_momentum` must be in [0, 1), got {config.beta_dpo_momentum}.")
     if not 0 <= config.beta_dpo_filter_ratio < 1:
         raise ValueError(
-            f"`beta_dpo_filter_ratio` must be in [0, 1) (the share of pairs dropped), got {config.beta_dpo_filter_ratio}."
+            "`beta_dpo_filter_ratio` must be in [0, 1) (the share of pairs dropped), got "
+            f"{config.beta_dpo_filter_ratio}."
         )
 
 

@@ -56,9 +56,9 @@ class StagewiseReference(TrainerCallback):
         passed = [step for step in stage_boundaries(state.max_steps, args.sdpo_stages) if step <= state.global_step]
         if passed:
             raise ValueError(
-                f"Resuming sDPO from step {state.global_step}, past the stage boundary at step {passed[-1]}: that stage's "
-                "reference (the policy at the boundary) is not in the checkpoint. Resume from a checkpoint of the "
-                "first stage, or restart the run."
+                f"Resuming sDPO from step {state.global_step}, past the stage boundary at step {passed[-1]}: that "
+                "stage's reference (the policy at the boundary) is not in the checkpoint. Resume from a checkpoint of "
+                "the first stage, or restart the run."
             )
 
     def on_step_end(self, args, state, control, **kwargs):
