@@ -7,6 +7,7 @@ python recipes/penn_experiment.py                       # every method, embedded
 python recipes/penn_experiment.py --quick               # a few steps on a small subset (smoke test)
 python recipes/penn_experiment.py --config recipes/configs/penn_gpt2.yaml   # the seed's GPT-2 setup (GPU)
 python recipes/penn_experiment.py --methods sft dpop --output_dir outputs/penn-small
+python recipes/penn_experiment.py --methods cdpo rdpo beta_dpo npo tdpo1 tdpo2 sdpo   # the other DPO-family losses
 ```
 
 Outputs in `--output_dir`: `report.md`, `results.json`, PNG plots, and each method's model or adapter. Every method's
@@ -43,17 +44,21 @@ from trl_ext.text_metrics import (
     mean_repeated_ngram_share,
 )
 
-METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")
-DPO_FAMILY = ("dpo", "dpop", "trl_dpo")
+# The default run's methods, and the other DPO-family losses trl_ext adds (`--methods` picks any)
+DEFAULT_METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")
+MORE_DPO_METHODS = ("cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2", "sdpo")
+METHODS = DEFAULT_METHODS + MORE_DPO_METHODS
+DPO_FAMILY = ("dpo", "dpop", "trl_dpo") + MORE_DPO_METHODS
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "penn")
 METRICS = ("alignment_accuracy", "repetition_3gram", "distinct_2", "fluency_nll", "mean_length_words")
 # Training curves of the trl_ext objectives, plotted next to the loss and reward curves
-OBJECTIVE_METRICS = ("kl/penalty", "ift/nll_teacher_forced", "ift/nll_mixed", "dpop_norm/penalty", "dpop/penalty")
+OBJECTIVE_METRICS = ("kl/penalty", "ift/nll_teacher_forced", "ift/nll_mixed", "dpop_norm/penalty", "dpop/penalty",
+                     "beta_dpo/beta", "tdpo1/kl_rejected", "tdpo2/kl_rejected")
 
 
 @dataclass
 class PennArguments:
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {METHODS}."})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": f"Any of {METHODS}."})
     model_name_or_path: str = field(default="embedded:smollm2-135m-instruct")
     dataset_name: str = field(
         default=DEFAULT_DATA,
@@ -82,6 +87,12 @@ class PennArguments:
     dpo_loss_type: str = field(default="sigmoid_norm", metadata={"help": "trl_ext DPO loss of `dpo`."})
     dpop_loss_type: str = field(default="dpop_norm", metadata={"help": "`dpop` (summed) or `dpop_norm` (averaged)."})
     dpop_lambda: float = field(default=5.0)
+    # The other DPO-family methods: `sdpo` is `dpo_loss_type` in `sdpo_stages` stages; the others are their loss types
+    label_smoothing: float = field(default=0.1, metadata={"help": "cDPO's share of flipped labels."})
+    rdpo_alpha: float = field(default=0.01)
+    beta_dpo_alpha: float = field(default=0.5)
+    tdpo_alpha: float = field(default=0.5)
+    sdpo_stages: int = field(default=2)
     kl_coef: float = field(default=0.1)
     kl_penalty: str = field(default="sq_logratio")
     ift_lambda: float = field(default=0.2)
@@ -163,8 +174,13 @@ def train_method(method: str, args: PennArguments, model_path: str, train_datase
         trainer = trl.DPOTrainer(model=model_path, args=trl.DPOConfig(**common, beta=args.beta),
                                  train_dataset=train_dataset, peft_config=peft_config)
     else:
-        loss_type = args.dpo_loss_type if method == "dpo" else args.dpop_loss_type
-        config = trl_ext.DPOConfig(**common, beta=args.beta, loss_type=loss_type, dpop_lambda=args.dpop_lambda)
+        loss_type = {"dpo": args.dpo_loss_type, "sdpo": args.dpo_loss_type, "dpop": args.dpop_loss_type}.get(method,
+                                                                                                           method)
+        config = trl_ext.DPOConfig(
+            **common, beta=args.beta, loss_type=loss_type, dpop_lambda=args.dpop_lambda,
+            label_smoothing=args.label_smoothing, rdpo_alpha=args.rdpo_alpha, beta_dpo_alpha=args.beta_dpo_alpha,
+            tdpo_alpha=args.tdpo_alpha, sdpo_stages=args.sdpo_stages if method == "sdpo" else 1,
+        )
         trainer = trl_ext.DPOTrainer(model=model_path, args=config, train_dataset=train_dataset,
                                      peft_config=peft_config)
     trainer.train()

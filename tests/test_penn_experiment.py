@@ -46,11 +46,11 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
     args = ["--quick", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path),
             "--lora_target_modules", "q_proj", "v_proj"]
     results = penn.main(parse(args))
-    check_outputs(tmp_path, penn.METHODS)
+    check_outputs(tmp_path, penn.DEFAULT_METHODS)
     # A rerun skips every finished method; --overwrite redoes the one asked for
-    stamps = {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.METHODS}
+    stamps = {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.DEFAULT_METHODS}
     penn.main(parse(args))
-    assert {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.METHODS} == stamps
+    assert {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in stamps} == stamps
     again = penn.main(parse([*args, "--methods", "sft", "--overwrite"]))
     assert (tmp_path / "sft" / "result.json").stat().st_mtime_ns != stamps["sft"]
     # The redone method is deterministic: the same seed trains the same adapter, which samples the same text. (Its
@@ -99,6 +99,17 @@ def test_judge_against_local_openai_compatible_server(monkeypatch):
     assert rate == pytest.approx(3 / 4)
 
 
+@pytest.mark.e2e
+def test_quick_run_of_the_other_dpo_losses(tiny_model_dir, tmp_path):
+    penn.main(parse(["--quick", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path),
+                     "--lora_target_modules", "q_proj", "v_proj", "--methods", *penn.MORE_DPO_METHODS]))
+    metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    assert list(metrics) == list(penn.MORE_DPO_METHODS)
+    for method in penn.MORE_DPO_METHODS:
+        assert isinstance(metrics[method]["final_chosen_reward"], float), method
+        assert (tmp_path / f"rewards_{method}.png").stat().st_size > 0
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match=r"Unknown `methods` \['rlhf'\]"):
         parse(["--methods", "sft", "rlhf"])
@@ -108,4 +119,4 @@ def test_unknown_method_is_refused():
 @pytest.mark.e2e
 def test_quick_run_on_embedded_model(tmp_path):
     penn.main(parse(["--quick", "--output_dir", str(tmp_path)]))
-    check_outputs(tmp_path, penn.METHODS)
+    check_outputs(tmp_path, penn.DEFAULT_METHODS)
