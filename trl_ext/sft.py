@@ -26,6 +26,7 @@ from .sft_reference import (
     reference_token_logps,
 )
 from .trl_contract import (
+    TRL_SFT_LOSS_CHOICES,
     TRL_SFT_LOSS_TYPES,
     ExpectedForward,
     check_recorded_forwards,
@@ -113,19 +114,24 @@ class SFTConfig(trl.SFTConfig):
     ift_detach_weights: bool = field(default=False, metadata={"help": "Detach IFT's relation-propagation weights."})
 
     def __post_init__(self):
+        _check_loss_type_name(self.loss_type, TRL_SFT_LOSS_CHOICES)  # before TRL's checks of other fields
         default_bf16_to_what_the_machine_supports(self)
         super().__post_init__()
         validate_sft_config(self)
 
 
-def validate_sft_config(args: trl.SFTConfig) -> None:
-    """Raises a `ValueError` naming the field and the fix if `args` asks for something trl_ext cannot honour."""
-    if args.loss_type not in TRL_SFT_LOSS_TYPES + registered_sft_losses():
+def _check_loss_type_name(loss_type: str, trl_names: tuple[str, ...] = TRL_SFT_LOSS_TYPES) -> None:
+    if loss_type not in trl_names + registered_sft_losses():
         raise ValueError(
-            f"Unknown `loss_type` '{args.loss_type}'. Valid values: TRL's {list(TRL_SFT_LOSS_TYPES)} and trl_ext's "
+            f"Unknown `loss_type` '{loss_type}'. Valid values: TRL's {list(TRL_SFT_LOSS_TYPES)} and trl_ext's "
             f"{list(registered_sft_losses())}. Custom losses must be registered with `trl_ext.register_sft_loss` "
             "before the config is created."
         )
+
+
+def validate_sft_config(args: trl.SFTConfig) -> None:
+    """Raises a `ValueError` naming the field and the fix if `args` asks for something trl_ext cannot honour."""
+    _check_loss_type_name(args.loss_type)
     uses_reference = args.loss_type in registered_sft_losses() and registered_sft_loss(args.loss_type).reference
     if getattr(args, "precompute_ref_log_probs", False) and not uses_reference:
         raise ValueError(
