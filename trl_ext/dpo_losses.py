@@ -24,7 +24,6 @@ unknown names. A registration may also declare what the loss needs (per-token lo
 checkpoints), check its hyperparameters, and name its paper for the model card: see [`register_dpo_loss`].
 """
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -33,6 +32,7 @@ import torch
 from . import citations
 from .citations import Citation
 from .losses import dpop_loss
+from .registry import LossRegistry
 from .trl_contract import TRL_DPO_LOSS_TYPES
 
 
@@ -125,7 +125,7 @@ class RegisteredLoss:
     vocabulary_kl: bool = False
 
 
-_REGISTRY: dict[str, RegisteredLoss] = {}
+_REGISTRY = LossRegistry("DPO", TRL_DPO_LOSS_TYPES)
 
 
 def register_dpo_loss(
@@ -151,22 +151,13 @@ def register_dpo_loss(
             vocabulary, which the trainer computes from both models' last hidden states, a chunk of positions at a
             time (an extra LM-head pass for each model); implies `token_logps`.
     """
-    if name in TRL_DPO_LOSS_TYPES:
-        raise ValueError(f"`{name}` is one of TRL's own DPO loss types and cannot be registered again.")
-
-    def decorator(fn: PreferenceLossFn) -> PreferenceLossFn:
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            warnings.warn(f"Replacing the DPO loss `{name}` ({_REGISTRY[name].fn.__qualname__}) with "
-                          f"{fn.__qualname__}.", stacklevel=2)
-        _REGISTRY[name] = RegisteredLoss(fn, citation, token_logps or vocabulary_kl, stateful, validate, vocabulary_kl)
-        return fn
-
-    return decorator
+    return _REGISTRY.decorator(name, lambda fn: RegisteredLoss(fn, citation, token_logps or vocabulary_kl, stateful,
+                                                               validate, vocabulary_kl))
 
 
 def registered_dpo_losses() -> tuple[str, ...]:
     """Names of the losses registered with [`register_dpo_loss`] (trl_ext's own and the user's)."""
-    return tuple(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def registered_dpo_loss(name: str) -> RegisteredLoss:

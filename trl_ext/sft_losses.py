@@ -23,7 +23,6 @@ processes. A loss that needs a pass of its own declares `extra_pass=True` and re
 as `fn(trainer, model, inputs, return_outputs, num_items_in_batch)` (IFT is registered so, in `trl_ext.ift`).
 """
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,6 +30,7 @@ import torch
 
 from . import losses
 from .citations import Citation
+from .registry import LossRegistry
 from .trl_contract import TRL_SFT_LOSS_TYPES
 
 
@@ -67,7 +67,7 @@ class RegisteredSFTLoss:
     citation: Citation | None = None
 
 
-_REGISTRY: dict[str, RegisteredSFTLoss] = {}
+_REGISTRY = LossRegistry("SFT", TRL_SFT_LOSS_TYPES)
 
 
 def register_sft_loss(
@@ -87,22 +87,12 @@ def register_sft_loss(
 
     Names of TRL's own losses cannot be taken; registering a name again replaces it with a warning.
     """
-    if name in TRL_SFT_LOSS_TYPES:
-        raise ValueError(f"`{name}` is one of TRL's own SFT loss types and cannot be registered again.")
-
-    def decorator(fn: Callable) -> Callable:
-        if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-            warnings.warn(f"Replacing the SFT loss `{name}` ({_REGISTRY[name].fn.__qualname__}) with "
-                          f"{fn.__qualname__}.", stacklevel=2)
-        _REGISTRY[name] = RegisteredSFTLoss(fn, reference, extra_pass, citation)
-        return fn
-
-    return decorator
+    return _REGISTRY.decorator(name, lambda fn: RegisteredSFTLoss(fn, reference, extra_pass, citation))
 
 
 def registered_sft_losses() -> tuple[str, ...]:
     """Names of the losses registered with [`register_sft_loss`] (trl_ext's own and the user's)."""
-    return tuple(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def registered_sft_loss(name: str) -> RegisteredSFTLoss:

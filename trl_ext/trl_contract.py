@@ -157,13 +157,8 @@ def record_fused_outputs(
         if isinstance(output, FusedCausalLMOutput):
             outputs.append(output)
 
-    modules = {id(module): module for module in (accelerator.unwrap_model(model) for model in models)}
-    handles = [module.register_forward_hook(record) for module in modules.values()]
-    try:
+    with _forward_hooks([accelerator.unwrap_model(model) for model in models], record):
         yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def lm_backbone(model: torch.nn.Module) -> torch.nn.Module:
@@ -182,10 +177,17 @@ def record_last_hidden_states(accelerator: Accelerator, *models: torch.nn.Module
     def record(module, args, output):
         hidden_states.append(output.last_hidden_state)
 
-    backbones = {id(backbone): backbone for backbone in (lm_backbone(accelerator.unwrap_model(m)) for m in models)}
-    handles = [backbone.register_forward_hook(record) for backbone in backbones.values()]
-    try:
+    with _forward_hooks([lm_backbone(accelerator.unwrap_model(model)) for model in models], record):
         yield hidden_states
+
+
+@contextlib.contextmanager
+def _forward_hooks(modules: list[torch.nn.Module], hook) -> Iterator[None]:
+    """`hook` on the forward of each distinct module of `modules` while the context is open."""
+    distinct = {id(module): module for module in modules}
+    handles = [module.register_forward_hook(hook) for module in distinct.values()]
+    try:
+        yield
     finally:
         for handle in handles:
             handle.remove()
