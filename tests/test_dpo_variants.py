@@ -16,17 +16,15 @@ from trl_ext.preference_losses import token_kl
 from .conftest import LORA, make_config, step_logs, train
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [{"loss_type": "cdpo", "label_smoothing": 0.0}, {"loss_type": "rdpo", "rdpo_alpha": 0.0}],
-    ids=lambda fields: fields["loss_type"],
-)
-def test_degenerate_setting_trains_as_trl_sigmoid(tiny_model_dir, preference_dataset, tmp_path, fields):
-    ours = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "ours", **fields)
-    theirs = train(trl.DPOTrainer, trl.DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "trl",
-                   loss_type="sigmoid")
-    ours_logs = step_logs(ours, drop={"rdpo/length_difference"})
-    assert ours_logs == step_logs(theirs)
+def test_degenerate_settings_train_as_trl_sigmoid(tiny_model_dir, preference_dataset, tmp_path):
+    """cDPO without smoothing, R-DPO without length weight, and one sDPO stage are TRL's sigmoid, every metric."""
+    theirs = step_logs(train(trl.DPOTrainer, trl.DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "trl",
+                             loss_type="sigmoid", max_steps=2))
+    for fields in ({"loss_type": "cdpo", "label_smoothing": 0.0, "sdpo_stages": 1},
+                   {"loss_type": "rdpo", "rdpo_alpha": 0.0}):
+        ours = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / fields["loss_type"],
+                     max_steps=2, **fields)
+        assert step_logs(ours, drop={"rdpo/length_difference"}) == theirs
 
 
 def test_cdpo_and_rdpo_first_step_by_hand(tiny_model_dir, preference_dataset, tmp_path):
@@ -45,7 +43,7 @@ def test_cdpo_and_rdpo_first_step_by_hand(tiny_model_dir, preference_dataset, tm
 
 def test_npo_lowers_the_rejected_likelihood(tiny_model_dir, preference_dataset, tmp_path):
     trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path, loss_type="npo",
-                    learning_rate=5e-3, max_steps=4)
+                    learning_rate=5e-3, max_steps=2)
     logs = step_logs(trainer)
     assert logs[0]["loss"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)  # rho = 0: (2 / beta) log 2
     assert logs[-1]["rewards/rejected"] < -0.1
@@ -55,32 +53,27 @@ def test_npo_lowers_the_rejected_likelihood(tiny_model_dir, preference_dataset, 
 BETA_DPO = dict(loss_type="beta_dpo", beta_dpo_alpha=1.0, beta_dpo_filter_ratio=0.25)
 
 
-def test_beta_dpo_logs_its_effective_beta(tiny_model_dir, preference_dataset, tmp_path):
-    logs = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path, **BETA_DPO))
+def test_beta_dpo_logs_its_beta_and_its_state_survives_resume(tiny_model_dir, preference_dataset, tmp_path):
+    full = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "full", max_steps=3,
+                 save_strategy="steps", save_steps=2, **BETA_DPO)
+    logs = step_logs(full)
     assert logs[0]["beta_dpo/beta"] == pytest.approx(0.1)  # margins 0, running mean 0
     assert logs[0]["beta_dpo/kept"] == pytest.approx(0.75)  # 3 of 4 pairs
     assert logs[-1]["beta_dpo/running_mean"] != 0
     assert logs[-1]["beta_dpo/beta"] != pytest.approx(0.1)
-
-
-def test_beta_dpo_state_survives_resume(tiny_model_dir, preference_dataset, tmp_path):
-    full = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "full", max_steps=4,
-                 save_strategy="steps", save_steps=2, **BETA_DPO)
     checkpoint = tmp_path / "full" / "checkpoint-2"
     assert (checkpoint / LOSS_STATE_FILE).is_file()
     resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
-                         args=make_config(DPOConfig, tmp_path / "resumed", max_steps=4, **BETA_DPO))
+                         args=make_config(DPOConfig, tmp_path / "resumed", max_steps=3, **BETA_DPO))
     resumed.train(resume_from_checkpoint=str(checkpoint))
     keys = ("beta_dpo/beta", "beta_dpo/running_mean", "beta_dpo/running_std", "loss")
     # The resumed history starts with the checkpoint's two steps
-    assert [[log[key] for key in keys] for log in step_logs(resumed)[2:]] == [
-        [log[key] for key in keys] for log in step_logs(full)[2:]
-    ]
+    assert [[log[key] for key in keys] for log in step_logs(resumed)[2:]] == [[logs[2][key] for key in keys]]
 
     os.remove(checkpoint / LOSS_STATE_FILE)
     with pytest.raises(FileNotFoundError, match=LOSS_STATE_FILE):
         DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
-                   args=make_config(DPOConfig, tmp_path / "again", max_steps=4, **BETA_DPO)
+                   args=make_config(DPOConfig, tmp_path / "again", max_steps=3, **BETA_DPO)
                    ).train(resume_from_checkpoint=str(checkpoint))
 
 
@@ -155,7 +148,7 @@ def test_vocabulary_kl_equals_the_kl_of_full_logits(tiny_model_dir, preference_d
 def test_tdpo_trains_from_zero_kl(tiny_model_dir, preference_dataset, tmp_path):
     for loss_type in ("tdpo1", "tdpo2"):
         logs = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / loss_type,
-                               loss_type=loss_type, learning_rate=5e-3))
+                               loss_type=loss_type, learning_rate=5e-3, max_steps=2))
         # policy = reference at step 0: no KL, DPO's log 2
         assert logs[0][f"{loss_type}/kl_chosen"] == pytest.approx(0.0, abs=1e-6)
         assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -174,22 +167,16 @@ def test_sdpo_policy_becomes_the_reference_at_each_stage(tiny_model_dir, prefere
     assert margins[1] > 0 and margins[3] > 0
 
 
-def test_sdpo_with_one_stage_is_plain_dpo(tiny_model_dir, preference_dataset, tmp_path):
-    ours = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "ours", sdpo_stages=1)
-    theirs = train(trl.DPOTrainer, trl.DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "trl")
-    assert step_logs(ours) == step_logs(theirs)
-
-
 def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"`sdpo_stages` must be an integer >= 1, got 0"):
         make_config(DPOConfig, tmp_path, sdpo_stages=0)
     with pytest.raises(ValueError, match=r"`sdpo_stages=2` replaces the reference .* `precompute_ref_log_probs=True`"):
         DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
                    args=make_config(DPOConfig, tmp_path, sdpo_stages=2, precompute_ref_log_probs=True))
-    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "first", sdpo_stages=2,
-                    max_steps=4, save_strategy="steps", save_steps=3)
+    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "first", sdpo_stages=3,
+                    max_steps=3, save_strategy="steps", save_steps=2)
     resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
-                         args=make_config(DPOConfig, tmp_path / "resumed", sdpo_stages=2, max_steps=4))
-    with pytest.raises(ValueError, match=r"Resuming sDPO from step 3, past the stage boundary at step 2"):
-        resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-3"))
-    assert trainer.state.global_step == 4
+                         args=make_config(DPOConfig, tmp_path / "resumed", sdpo_stages=3, max_steps=3))
+    with pytest.raises(ValueError, match=r"Resuming sDPO from step 2, past the stage boundary at step 1"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+    assert trainer.state.global_step == 3

@@ -52,8 +52,11 @@ class StagewiseReference(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # `global_step` is the checkpoint's when resuming
-        passed = [step for step in stage_boundaries(state.max_steps, args.sdpo_stages) if step <= state.global_step]
+        # `global_step` is the checkpoint's when resuming. At a boundary, the policy it holds is that stage's reference.
+        boundaries = stage_boundaries(state.max_steps, args.sdpo_stages)
+        if state.global_step in boundaries:
+            use_policy_as_reference(self.trainer)
+        passed = [step for step in boundaries if step < state.global_step]
         if passed:
             raise ValueError(
                 f"Resuming sDPO from step {state.global_step}, past the stage boundary at step {passed[-1]}: that "
