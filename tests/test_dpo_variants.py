@@ -10,6 +10,7 @@ import trl
 from transformers import AutoModelForCausalLM
 
 from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss
+from trl_ext.citations import DPO as DPO_PAPER
 from trl_ext.dpo import LOSS_STATE_FILE
 from trl_ext.preference_losses import token_kl
 
@@ -180,3 +181,9 @@ def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, 
     with pytest.raises(ValueError, match=r"Resuming sDPO from step 2, past the stage boundary at step 1"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
     assert trainer.state.global_step == 3
+
+
+def test_trl_config_is_accepted_for_trl_losses(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(trl.DPOConfig, tmp_path, loss_type="sigmoid"))
+    assert trainer.extension_losses == [] and trainer.loss_papers() == [DPO_PAPER]

@@ -151,8 +151,8 @@ LOSS_STATE_FILE = "trl_ext_loss_state.pt"
 
 class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
     """
-    [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (`"dpop"`,
-    `"dpop_norm"`, and the user's). Same constructor, datasets, metrics and reference-model handling as TRL's.
+    [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (trl_ext's and the
+    user's), and trains in sDPO stages. Same constructor, datasets, metrics and reference-model handling as TRL's.
 
     TRL computes its own loss types and every metric exactly as it would alone; trl_ext's losses are computed from the
     per-sequence log-probs of the same forward passes, added with their `loss_weights`, and log their extra
@@ -178,7 +178,7 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
                                      if registered_dpo_loss(name).vocabulary_kl]
         if self.vocabulary_kl_losses:
             tdpo.check_plain_lm_head(self.model, self.vocabulary_kl_losses)
-        if self.args.sdpo_stages > 1:
+        if getattr(self.args, "sdpo_stages", 1) > 1:  # a `trl.DPOConfig` has no stages
             sdpo.check_stages_can_run(self)
             self.add_callback(sdpo.StagewiseReference(self))
 
