@@ -42,6 +42,10 @@ CONTENDERS = {
         "trl_ext sigmoid": ("trl_ext", {"loss_type": "sigmoid"}),
         "dpop": ("trl_ext", {"loss_type": "dpop"}),
         "dpop_norm": ("trl_ext", {"loss_type": "dpop_norm"}),
+        "cdpo": ("trl_ext", {"loss_type": "cdpo", "label_smoothing": 0.1}),
+        "rdpo": ("trl_ext", {"loss_type": "rdpo"}),
+        "beta_dpo": ("trl_ext", {"loss_type": "beta_dpo"}),
+        "npo": ("trl_ext", {"loss_type": "npo"}),
     },
     "sft": {
         "trl nll": ("trl", {"loss_type": "nll"}),

@@ -9,6 +9,7 @@ python recipes/penn_experiment.py --config recipes/configs/penn_gpt2.yaml   # th
 python recipes/penn_experiment.py --config recipes/configs/penn_seed.yaml   # the seed's setup, embedded model
 python recipes/penn_experiment.py --methods sft dpop --output_dir outputs/penn-small
 python recipes/penn_experiment.py --seeds 0 1 2 --output_dir outputs/penn-seeds   # mean and spread over 3 seeds
+python recipes/penn_experiment.py --methods cdpo rdpo beta_dpo npo tdpo1 tdpo2 sdpo   # the other DPO-family losses
 ```
 
 Outputs in `--output_dir`: `report.md`, `results.json`, PNG plots (alignment accuracy over training steps among them,
@@ -51,18 +52,22 @@ from trl_ext.scorers import (
 )
 from trl_ext.text_metrics import PENN_PATTERN
 
-METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")
-DPO_FAMILY = ("dpo", "dpop", "trl_dpo")
+# The default run's methods, and the other DPO-family losses trl_ext adds (`--methods` picks any)
+DEFAULT_METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")
+MORE_DPO_METHODS = ("cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2", "sdpo")
+METHODS = DEFAULT_METHODS + MORE_DPO_METHODS
+DPO_FAMILY = ("dpo", "dpop", "trl_dpo") + MORE_DPO_METHODS
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "penn")
 METRICS = ("alignment_accuracy", "repetition_3gram", "distinct_2", "fluency_nll", "mean_length_words")
 # Training curves of the trl_ext objectives, plotted next to the loss and reward curves
-OBJECTIVE_METRICS = ("kl/penalty", "ift/nll_teacher_forced", "ift/nll_mixed", "dpop_norm/penalty", "dpop/penalty")
+OBJECTIVE_METRICS = ("kl/penalty", "ift/nll_teacher_forced", "ift/nll_mixed", "dpop_norm/penalty", "dpop/penalty",
+                     "beta_dpo/beta", "tdpo1/kl_rejected", "tdpo2/kl_rejected")
 CURVE_KEY = "eval_gen/alignment_accuracy"
 
 
 @dataclass
 class PennArguments:
-    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={"help": f"Any of {METHODS}."})
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), metadata={"help": f"Any of {METHODS}."})
     model_name_or_path: str = field(default="embedded:smollm2-135m-instruct")
     dataset_name: str = field(
         default=DEFAULT_DATA,
@@ -94,6 +99,12 @@ class PennArguments:
     dpo_loss_type: str = field(default="sigmoid_norm", metadata={"help": "trl_ext DPO loss of `dpo`."})
     dpop_loss_type: str = field(default="dpop_norm", metadata={"help": "`dpop` (summed) or `dpop_norm` (averaged)."})
     dpop_lambda: float = field(default=5.0)
+    # The other DPO-family methods: `sdpo` is `dpo_loss_type` in `sdpo_stages` stages; the others are their loss types
+    label_smoothing: float = field(default=0.1, metadata={"help": "cDPO's share of flipped labels."})
+    rdpo_alpha: float = field(default=0.01)
+    beta_dpo_alpha: float = field(default=0.5)
+    tdpo_alpha: float = field(default=0.5)
+    sdpo_stages: int = field(default=2)
     kl_coef: float = field(default=0.1)
     kl_penalty: str = field(default="sq_logratio")
     ift_lambda: float = field(default=0.2)
@@ -178,9 +189,12 @@ def method_config(method: str, args: PennArguments, output_dir: Path):
         return trl_ext.SFTTrainer, trl_ext.SFTConfig(**common, **loss)
     if method == "trl_dpo":
         return trl.DPOTrainer, trl.DPOConfig(**common, beta=args.beta)
-    loss_type = args.dpo_loss_type if method == "dpo" else args.dpop_loss_type
-    return trl_ext.DPOTrainer, trl_ext.DPOConfig(**common, beta=args.beta, loss_type=loss_type,
-                                                 dpop_lambda=args.dpop_lambda)
+    loss_type = {"dpo": args.dpo_loss_type, "sdpo": args.dpo_loss_type, "dpop": args.dpop_loss_type}.get(method, method)
+    return trl_ext.DPOTrainer, trl_ext.DPOConfig(
+        **common, beta=args.beta, loss_type=loss_type, dpop_lambda=args.dpop_lambda,
+        label_smoothing=args.label_smoothing, rdpo_alpha=args.rdpo_alpha, beta_dpo_alpha=args.beta_dpo_alpha,
+        tdpo_alpha=args.tdpo_alpha, sdpo_stages=args.sdpo_stages if method == "sdpo" else 1,
+    )
 
 
 def train_method(method: str, args: PennArguments, model_path: str, train_dataset, curve_prompts: list[str],

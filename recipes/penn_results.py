@@ -24,6 +24,9 @@ NOT_IN_PROVENANCE = {"methods", "output_dir", "overwrite", "judge_base_url", "ju
 LOSS_FIELDS = {
     "base": (), "sft": (), "kl_sft": ("kl_coef", "kl_penalty"), "ift": ("ift_lambda", "ift_gamma"),
     "dpo": ("beta", "dpo_loss_type"), "dpop": ("beta", "dpop_loss_type", "dpop_lambda"), "trl_dpo": ("beta",),
+    "cdpo": ("beta", "label_smoothing"), "rdpo": ("beta", "rdpo_alpha"), "beta_dpo": ("beta", "beta_dpo_alpha"),
+    "npo": ("beta",), "tdpo1": ("beta",), "tdpo2": ("beta", "tdpo_alpha"),
+    "sdpo": ("beta", "dpo_loss_type", "sdpo_stages"),
 }
 
 

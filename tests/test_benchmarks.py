@@ -20,7 +20,8 @@ def test_benchmark_smoke_run_writes_complete_results(tmp_path):
     rows = results["results"]
     assert [(row["family"], row["contender"]) for row in rows] == [
         ("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "trl_ext sigmoid"), ("dpo", "dpop"),
-        ("dpo", "dpop_norm"), ("sft", "trl nll"), ("sft", "trl nll A/A"), ("sft", "kl_sft"),
+        ("dpo", "dpop_norm"), ("dpo", "cdpo"), ("dpo", "rdpo"), ("dpo", "beta_dpo"), ("dpo", "npo"),
+        ("sft", "trl nll"), ("sft", "trl nll A/A"), ("sft", "kl_sft"),
         ("sft", "kl_sft precomputed"), ("sft", "ift greedy"), ("sft", "ift soft"),
     ]
     for row in rows:
@@ -29,7 +30,7 @@ def test_benchmark_smoke_run_writes_complete_results(tmp_path):
     assert rows[0]["step_ratio"] == rows[0]["memory_ratio"] == 1.0  # the baseline divides by itself
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[2].startswith("| family | model | seq | setup | contender | GFLOP/step | FLOP ratio | step s |")
-    assert len([line for line in table if line.startswith("| dpo") or line.startswith("| sft")]) == 11
+    assert len([line for line in table if line.startswith("| dpo") or line.startswith("| sft")]) == 15
 
 
 def load_benchmark():
@@ -49,7 +50,7 @@ def test_flops_of_a_step_against_trl(tmp_path, family, setup):
     ratios = {name: row["flop_ratio"] for name, row in benchmark.flop_ratios(steps).items()}
     if family == "dpo":  # the same two forwards TRL runs (one with precomputed reference log-probs), nothing more
         assert ratios == {"trl sigmoid": 1.0, "trl sigmoid A/A": 1.0, "trl_ext sigmoid": 1.0, "dpop": 1.0,
-                          "dpop_norm": 1.0}
+                          "dpop_norm": 1.0, "cdpo": 1.0, "rdpo": 1.0, "beta_dpo": 1.0, "npo": 1.0}
         return
     assert ratios["trl nll A/A"] == ratios["kl_sft precomputed"] == 1.0  # no reference forward while training
     # One extra forward without gradient: a third of a forward + backward (IFT's first pass skips the prompt's LM head)

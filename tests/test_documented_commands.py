@@ -313,7 +313,7 @@ def test_the_kl_sft_command_selects_kl_sft(at_root):
 
 
 @pytest.mark.parametrize(("text", "error"), [
-    ("python recipes/llama2_sft.py --loss_type no_such_loss", r"exits 2: .*invalid choice: 'no_such_loss'"),
+    ("python recipes/llama2_sft.py --loss_type no_such_loss", r"Unknown `loss_type` 'no_such_loss'"),
     ("accelerate launch --cpu recipes/llama2_dpo.py --bf16 false --no_such_flag 1", r"not used .*--no_such_flag"),
     ("python recipes/dpo.py --config recipes/configs/dpop_smollm2.yaml --loss_type no_such_loss", r"no_such_loss"),
     ("python recipes/penn_experiment.py --methods sft rlhf", r"Unknown `methods` \['rlhf'\]"),
@@ -394,7 +394,8 @@ README_EXAMPLES = readme_python_examples()
 
 
 def test_readme_has_its_python_examples():
-    assert len(README_EXAMPLES) == 4  # DPOP, KL-SFT and IFT, your own pairwise loss, the generation-eval callback
+    assert len(README_EXAMPLES) == 5  # DPOP, KL-SFT and IFT, your own pairwise loss, your own SFT loss, the
+    # generation-eval callback
     for where, code in README_EXAMPLES:
         compile(code, where, "exec")
 

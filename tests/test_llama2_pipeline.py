@@ -125,6 +125,14 @@ def test_published_configs_hold_the_reference_setup():
     assert dpo.loss_type == ["dpop"] and model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+@pytest.mark.parametrize("loss_type", ["cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2"])
+def test_llama2_dpo_takes_every_trl_ext_loss(loss_type):
+    import llama2_dpo
+
+    _, dpo, _ = llama2_dpo.parse_args(["--loss_type", loss_type, "--sdpo_stages", "2", "--bf16", "false"])
+    assert dpo.loss_type == [loss_type] and dpo.sdpo_stages == 2
+
+
 def launch(script: str, args: list[str], processes: int = 1) -> str:
     """Runs a recipe through `accelerate launch` on CPU, as a user would; returns its standard output."""
     if processes > 1:

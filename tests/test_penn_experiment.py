@@ -56,11 +56,11 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
     args = ["--quick", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path),
             "--lora_target_modules", "q_proj", "v_proj"]
     results = penn.main(parse(args))
-    check_outputs(tmp_path, penn.METHODS)
+    check_outputs(tmp_path, penn.DEFAULT_METHODS)
     # A rerun with the same settings reuses every finished method; other settings train the methods they change
-    stamps = {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.METHODS}
+    stamps = {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.DEFAULT_METHODS}
     penn.main(parse(args))
-    assert {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.METHODS} == stamps
+    assert {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in stamps} == stamps
     penn.main(parse([*args, "--methods", "sft", "dpop", "--dpop_lambda", "7"]))
     assert (tmp_path / "sft" / "result.json").stat().st_mtime_ns == stamps["sft"]
     assert (tmp_path / "dpop" / "result.json").stat().st_mtime_ns != stamps["dpop"]
@@ -127,6 +127,17 @@ def test_wilson_interval(successes, trials, interval):
     assert penn.wilson_interval(successes, trials) == pytest.approx(interval, abs=1e-4)
 
 
+@pytest.mark.e2e
+def test_quick_run_of_the_other_dpo_losses(tiny_model_dir, tmp_path):
+    penn.main(parse(["--quick", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path),
+                     "--lora_target_modules", "q_proj", "v_proj", "--methods", *penn.MORE_DPO_METHODS]))
+    metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    assert list(metrics) == list(penn.MORE_DPO_METHODS)
+    for method in penn.MORE_DPO_METHODS:
+        assert isinstance(metrics[method]["final_chosen_reward"], float), method
+        assert (tmp_path / f"rewards_{method}.png").stat().st_size > 0
+
+
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match=r"Unknown `methods` \['rlhf'\]"):
         parse(["--methods", "sft", "rlhf"])
@@ -136,7 +147,7 @@ def test_unknown_method_is_refused():
 @pytest.mark.e2e
 def test_quick_run_on_embedded_model(tmp_path):
     penn.main(parse(["--quick", "--output_dir", str(tmp_path)]))
-    check_outputs(tmp_path, penn.METHODS)
+    check_outputs(tmp_path, penn.DEFAULT_METHODS)
 
 
 def test_seed_summary_is_mean_and_sample_spread():
@@ -185,3 +196,12 @@ def test_a_judge_that_cannot_be_reached_is_recorded_not_fatal(monkeypatch):
     assert list(judged) == ["dpop:sft"]  # `dpo` did not run
     assert judged["dpop:sft"].startswith(f"not judged: The judge at http://127.0.0.1:{port}/v1/chat/completions did "
                                          "not answer after 4 attempts")
+
+
+
+def test_every_method_names_its_loss_settings():
+    import penn_results
+
+    assert set(penn_results.LOSS_FIELDS) == set(penn.METHODS)
+    cdpo, sdpo = (set(penn.provenance(method, parse([]), {}, "m")["settings"]) for method in ("cdpo", "sdpo"))
+    assert "label_smoothing" in cdpo - sdpo and "sdpo_stages" in sdpo - cdpo

@@ -76,7 +76,8 @@ def test_kl_sft_penalty_holds_policy_closer_to_reference(tiny_model_dir, prefere
     [
         ({"loss_type": "kl_sft", "kl_coef": -0.1}, r"`kl_coef` must be a finite number >= 0, got -0.1"),
         ({"loss_type": "kl_sft", "kl_penalty": "forward_kl"}, r"Unknown `kl_penalty` 'forward_kl'. Valid values: \['sq_logratio', 'token_kl'\]"),
-        ({"loss_type": "klsft"}, r"Unknown `loss_type` 'klsft'. Valid values: \['nll', 'dft', 'kl_sft'"),
+        ({"loss_type": "klsft"},
+         r"Unknown `loss_type` 'klsft'. Valid values: TRL's \['nll', 'dft'\] and trl_ext's \['kl_sft', 'ift'"),
     ],
 )
 def test_bad_config_is_refused(tmp_path, config, message):

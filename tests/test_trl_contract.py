@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 import trl
+from accelerate import Accelerator
 from packaging.requirements import Requirement
 from accelerate import Accelerator
 from peft import get_peft_model
@@ -253,3 +254,33 @@ def test_trl_env_prints_the_versions(capsys):
     printed = capsys.readouterr().out
     assert f"- TRL version: {trl.__version__}" in printed
     assert f"- Transformers version: {transformers.__version__}" in printed
+
+
+def test_model_card_cites_the_trainers_paper_dictionary(tiny_model_dir, preference_dataset, tmp_path):
+    """trl_ext's trainers cite their losses by setting `_paper`, which TRL's `create_model_card` reads."""
+    assert set(trl.DPOTrainer._paper) == set(trl_contract.MODEL_CARD_PAPER_KEYS)
+    trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path))
+    trainer._paper = {"title": "A stand-in title", "id": "0000.00000", "citation": "@misc{stand_in}"}
+    trainer.create_model_card(model_name="tiny", tags=["stand-in-tag"])
+    card = (tmp_path / "README.md").read_text()
+    assert "[A stand-in title](https://huggingface.co/papers/0000.00000)" in card
+    assert "@misc{stand_in}" in card
+    assert "- stand-in-tag\n" in card
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["plain", "peft"])
+def test_fused_forward_runs_the_backbone_once_before_the_lm_head(tiny_model_dir, peft):
+    """TDPO records the last hidden state of TRL's fused forwards on `lm_backbone(model)`: one per forward, and the
+    LM head applied to it gives the fused log-probs."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    add_fused_lm_head(model)
+    if peft:
+        model = get_peft_model(model, LORA)
+    input_ids = torch.tensor([[1, 5, 9, 4, 7]])
+    with trl_contract.record_last_hidden_states(Accelerator(cpu=True), model) as hidden_states:
+        output = model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+    assert len(hidden_states) == 1
+    logits = model.get_output_embeddings()(hidden_states[0][:, :-1])
+    expected = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
+    torch.testing.assert_close(output.log_probs, expected, atol=1e-5, rtol=1e-5)

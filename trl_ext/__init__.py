@@ -1,14 +1,18 @@
 """trl-ext: extra preference and SFT losses as drop-in subclasses of TRL's trainers."""
 
+from .citations import Citation
 from .dpo import DPOConfig, DPOTrainer
-from .dpo_losses import PreferenceLogps, PreferenceLossOutput, register_dpo_loss, registered_dpo_losses
+from .dpo_losses import LossContext, PreferenceLogps, PreferenceLossOutput, register_dpo_loss, registered_dpo_losses
 from .embedded import resolve_model_name
 from .generation_eval import GenerationEvalCallback
 from .sft import SFTConfig, SFTTrainer
+from .sft_losses import SFTLogps, SFTLossOutput, register_sft_loss, registered_sft_losses
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Citation",
+    "LossContext",
     "DPOConfig",
     "DPOTrainer",
     "GenerationEvalCallback",
@@ -18,5 +22,9 @@ __all__ = [
     "registered_dpo_losses",
     "resolve_model_name",
     "SFTConfig",
+    "SFTLogps",
+    "SFTLossOutput",
     "SFTTrainer",
+    "register_sft_loss",
+    "registered_sft_losses",
 ]

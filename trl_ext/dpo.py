@@ -1,14 +1,23 @@
 """Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered in `trl_ext.dpo_losses` to TRL's."""
 
+import contextlib
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 import torch
 import trl
 from datasets import Dataset, IterableDataset
 
+from . import citations, dpo_variants, sdpo, tdpo  # noqa: F401  (dpo_variants, tdpo register their losses)
 from .data import warn_if_words_glue
-from .dpo_losses import PreferenceLogps, compute_registered_loss, registered_dpo_losses
+from .dpo_losses import (
+    LossContext,
+    PreferenceLogps,
+    compute_registered_loss,
+    registered_dpo_loss,
+    registered_dpo_losses,
+)
 from .embedded import resolve_model_and_args
 from .trl_contract import (
     TRL_DPO_LOSS_TYPES,
@@ -17,6 +26,7 @@ from .trl_contract import (
     check_recorded_forwards,
     default_bf16_to_what_the_machine_supports,
     record_fused_outputs,
+    record_last_hidden_states,
 )
 
 
@@ -25,20 +35,55 @@ class DPOConfig(trl.DPOConfig):
     r"""
     [`trl.DPOConfig`] with trl_ext's extra loss types.
 
-    `loss_type` takes TRL's values plus every name registered with [`register_dpo_loss`]: trl_ext ships `"dpop"`
-    (DPO-Positive on summed log-probs) and `"dpop_norm"` (the same on per-token averaged log-probs). They combine
-    with TRL's through the `loss_type` list and `loss_weights`, e.g. `loss_type=["dpop", "sft"]`.
+    `loss_type` takes TRL's values plus every name registered with [`register_dpo_loss`]. trl_ext ships `"dpop"`
+    (DPO-Positive on summed log-probs), `"dpop_norm"` (the same on per-token averaged log-probs), `"cdpo"`
+    (conservative DPO, with TRL's `label_smoothing`), `"rdpo"` (R-DPO's length regulariser), `"beta_dpo"` (a
+    per-batch beta), `"npo"` (Negative Preference Optimization on the rejected completions) and `"tdpo1"` /
+    `"tdpo2"` (token-level DPO). They combine with TRL's through the `loss_type` list and `loss_weights`, e.g.
+    `loss_type=["dpop", "sft"]`.
 
     Parameters:
         dpop_lambda (`float`, *optional*, defaults to `50.0`):
             Weight of DPOP's penalty `max(0, -(log pi(y_w) - log ref(y_w)))`, applied inside the sigmoid and scaled by
             `beta`. Must be >= 0; `0` is exactly DPO. The paper uses 50 (with `beta=0.3`) and reports little
             sensitivity in [5, 500]. Used by `"dpop"` and `"dpop_norm"`.
+        rdpo_alpha (`float`, *optional*, defaults to `0.01`):
+            R-DPO's length weight: `rdpo_alpha * (|y_w| - |y_l|)` (in tokens) is subtracted inside the sigmoid,
+            outside `beta`. Must be >= 0; `0` is exactly DPO. The paper tunes it per setting; 0.01 is trl_ext's
+            starting point, not a value the paper prescribes.
+        beta_dpo_alpha (`float`, *optional*, defaults to `0.5`):
+            beta-DPO's `alpha` in `beta_batch = beta * (1 + alpha * (M_batch - M_running))`; `beta` is the paper's
+            `beta_0`. Must be >= 0; `0` with `beta_dpo_filter_ratio=0` is exactly DPO. The authors' config leaves it
+            at 0 and their runs set it per model; 0.5 is trl_ext's choice.
+        beta_dpo_momentum (`float`, *optional*, defaults to `0.9`):
+            Momentum of the running mean and standard deviation of the margin (the authors' code: 0.9), in [0, 1).
+        beta_dpo_filter_ratio (`float`, *optional*, defaults to `0.2`):
+            Share of each batch's pairs beta-DPO drops, preferring those whose margin is far from the running mean
+            (the authors' config: 0.2), in [0, 1); `0` keeps every pair.
+        tdpo_alpha (`float`, *optional*, defaults to `0.5`):
+            TDPO2's weight of the sequential-KL difference (the authors' code: 0.5), >= 0.
+        sdpo_stages (`int`, *optional*, defaults to `1`):
+            sDPO: split training into this many equal stages of optimizer steps; at each stage boundary the current
+            policy becomes the reference. Works with any `loss_type`; `1` is plain training.
     """
 
     dpop_lambda: float = field(
         default=50.0,
         metadata={"help": "Weight of the DPOP penalty (>= 0; 0 is exactly DPO). Used by `dpop` and `dpop_norm`."},
+    )
+    rdpo_alpha: float = field(
+        default=0.01, metadata={"help": "R-DPO's weight of the length difference in tokens (>= 0; 0 is DPO)."}
+    )
+    beta_dpo_alpha: float = field(default=0.5, metadata={"help": "beta-DPO's scaling of beta by the margin (>= 0)."})
+    beta_dpo_momentum: float = field(
+        default=0.9, metadata={"help": "Momentum of beta-DPO's running margin statistics, in [0, 1)."}
+    )
+    beta_dpo_filter_ratio: float = field(
+        default=0.2, metadata={"help": "Share of each batch beta-DPO drops as margin outliers, in [0, 1)."}
+    )
+    tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's weight of the sequential-KL difference."})
+    sdpo_stages: int = field(
+        default=1, metadata={"help": "sDPO stages: the policy becomes the reference at each boundary (1: plain)."}
     )
 
     def __post_init__(self):
@@ -57,6 +102,9 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
     for name, value in weights.items():
         if not math.isfinite(value):
             raise ValueError(f"`{name}` must be a finite number, got {value}.")
+    stages = getattr(args, "sdpo_stages", 1)
+    if not isinstance(stages, int) or stages < 1:
+        raise ValueError(f"`sdpo_stages` must be an integer >= 1, got {stages!r}.")
     unknown = [name for name in loss_types if name not in valid]
     if unknown:
         raise ValueError(
@@ -69,8 +117,15 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
         return
     if not isinstance(args, DPOConfig):
         raise TypeError(f"`loss_type` {extension} needs a `trl_ext.DPOConfig`, got a `{type(args).__qualname__}`.")
-    if not args.dpop_lambda >= 0 or math.isinf(args.dpop_lambda):  # `not >=` also catches NaN
-        raise ValueError(f"`dpop_lambda` must be a finite number >= 0, got {args.dpop_lambda}.")
+    for name in extension:
+        registered = registered_dpo_loss(name)
+        if registered.validate is not None:
+            registered.validate(args)
+        if registered.token_logps and args.precompute_ref_log_probs:
+            raise ValueError(
+                f"`loss_type` `{name}` reads the reference's per-token log-probs, but `precompute_ref_log_probs=True` "
+                "keeps only their sums: set it to False."
+            )
     # These TRL options reshape the log-probs or the per-pair loss inside TRL's private loss code; trl_ext's losses
     # work on the plain summed log-probs, so refuse rather than silently ignore them.
     unsupported = {
@@ -86,10 +141,19 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
             )
 
 
-class DPOTrainer(trl.DPOTrainer):
+@contextlib.contextmanager
+def _record_nothing(*models):
+    yield []
+
+
+# Next to the optimizer's state in each checkpoint
+LOSS_STATE_FILE = "trl_ext_loss_state.pt"
+
+
+class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
     """
-    [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (`"dpop"`,
-    `"dpop_norm"`, and the user's). Same constructor, datasets, metrics and reference-model handling as TRL's.
+    [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (trl_ext's and the
+    user's), and trains in sDPO stages. Same constructor, datasets, metrics and reference-model handling as TRL's.
 
     TRL computes its own loss types and every metric exactly as it would alone; trl_ext's losses are computed from the
     per-sequence log-probs of the same forward passes, added with their `loss_weights`, and log their extra
@@ -109,6 +173,15 @@ class DPOTrainer(trl.DPOTrainer):
         self.loss_types = [name for name, _ in weighted if name in TRL_DPO_LOSS_TYPES]
         self.loss_weights = [weight for name, weight in weighted if name in TRL_DPO_LOSS_TYPES]
         self.extension_losses = [(name, weight) for name, weight in weighted if name not in TRL_DPO_LOSS_TYPES]
+        # Running state of the stateful losses (e.g. beta-DPO's margin statistics), saved with each checkpoint
+        self.loss_states = {name: {} for name, _ in self.extension_losses if registered_dpo_loss(name).stateful}
+        self.vocabulary_kl_losses = [name for name, _ in self.extension_losses
+                                     if registered_dpo_loss(name).vocabulary_kl]
+        if self.vocabulary_kl_losses:
+            tdpo.check_plain_lm_head(self.model, self.vocabulary_kl_losses)
+        if getattr(self.args, "sdpo_stages", 1) > 1:  # a `trl.DPOConfig` has no stages
+            sdpo.check_stages_can_run(self)
+            self.add_callback(sdpo.StagewiseReference(self))
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         _check_preference_columns(dataset, dataset_name)
@@ -123,15 +196,23 @@ class DPOTrainer(trl.DPOTrainer):
         # or the policy itself with its adapter disabled.
         reference = [self.ref_model] if self.ref_model is not None else []
         policy_has_grad = torch.is_grad_enabled()
-        with record_fused_outputs(self.accelerator, model, *reference) as fused_outputs:
+        record_hidden = record_last_hidden_states if self.vocabulary_kl_losses else _record_nothing
+        with record_fused_outputs(self.accelerator, model, *reference) as fused_outputs, \
+                record_hidden(self.accelerator, model, *reference) as hidden_states:
             result = super()._compute_loss(model, inputs, return_outputs)
         loss, outputs = result if return_outputs else (result, None)
 
         self._check_forwards(inputs, fused_outputs, policy_has_grad)
         batch = self._preference_logps(inputs, fused_outputs)
+        if self.vocabulary_kl_losses:
+            chosen_token_kl, rejected_token_kl = tdpo.token_kls(self, inputs, hidden_states)
+            batch = replace(batch, chosen_token_kl=chosen_token_kl, rejected_token_kl=rejected_token_kl)
         mode = "train" if self.model.training else "eval"
         for name, weight in self.extension_losses:
-            output = compute_registered_loss(name, batch, self.args)
+            context = None
+            if name in self.loss_states:
+                context = LossContext(self.loss_states[name], mode == "train", self.accelerator.gather)
+            output = compute_registered_loss(name, batch, self.args, context)
             loss = loss + output.losses.mean() * weight
             for key, value in output.metrics.items():
                 gathered = self.accelerator.gather(value.detach().float())
@@ -150,24 +231,57 @@ class DPOTrainer(trl.DPOTrainer):
         completion_mask = inputs["completion_mask"][:, 1:]
         seq_len = completion_mask.size(1)
 
-        def sequence_logps(output: FusedCausalLMOutput):
+        def token_logps(output: FusedCausalLMOutput):
             # Prompt-learning PEFT prepends virtual tokens: keep the positions of the real tokens, as TRL does.
-            return output.log_probs[:, -seq_len:].sum(dim=1).chunk(2)
+            return output.log_probs[:, -seq_len:].chunk(2)
 
-        chosen_logps, rejected_logps = sequence_logps(fused_outputs[0])
+        chosen_token_logps, rejected_token_logps = token_logps(fused_outputs[0])
         if self.precompute_ref_logps:
+            ref_chosen_token_logps = ref_rejected_token_logps = None
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
-            ref_chosen_logps, ref_rejected_logps = sequence_logps(fused_outputs[1])
-        chosen_lengths, rejected_lengths = completion_mask.sum(dim=1).float().chunk(2)
+            ref_chosen_token_logps, ref_rejected_token_logps = token_logps(fused_outputs[1])
+            ref_chosen_logps, ref_rejected_logps = ref_chosen_token_logps.sum(1), ref_rejected_token_logps.sum(1)
+        chosen_mask, rejected_mask = completion_mask.chunk(2)
         return PreferenceLogps(
-            chosen_logps=chosen_logps,
-            rejected_logps=rejected_logps,
+            chosen_logps=chosen_token_logps.sum(dim=1),
+            rejected_logps=rejected_token_logps.sum(dim=1),
             ref_chosen_logps=ref_chosen_logps,
             ref_rejected_logps=ref_rejected_logps,
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
+            chosen_lengths=chosen_mask.sum(dim=1).float(),
+            rejected_lengths=rejected_mask.sum(dim=1).float(),
+            chosen_token_logps=chosen_token_logps,
+            rejected_token_logps=rejected_token_logps,
+            ref_chosen_token_logps=ref_chosen_token_logps,
+            ref_rejected_token_logps=ref_rejected_token_logps,
+            chosen_mask=chosen_mask,
+            rejected_mask=rejected_mask,
         )
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.loss_states and self.args.should_save:
+            torch.save(self.loss_states, os.path.join(output_dir, LOSS_STATE_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.loss_states:
+            return
+        path = os.path.join(checkpoint, LOSS_STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by a trainer with the stateful losses "
+                f"{list(self.loss_states)}, so their state cannot be restored. Resume from a checkpoint of this run."
+            )
+        saved = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        for name, state in self.loss_states.items():
+            state.update(saved.get(name, {}))
+
+    def loss_papers(self) -> list[citations.Citation]:
+        """The papers of the losses in `loss_type`: DPO's for TRL's own, each registered loss's own if it has one."""
+        papers = [citations.DPO if name in TRL_DPO_LOSS_TYPES else registered_dpo_loss(name).citation
+                  for name in self.args.loss_type]
+        return [paper for paper in papers if paper is not None]
 
 
 def _check_preference_columns(dataset, dataset_name: str) -> None:

@@ -9,24 +9,25 @@ import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-from . import losses
+from . import citations, losses
 from .packed import rows_per_sequence
+from .sft_losses import register_sft_loss
 from .trl_contract import disable_gradient_checkpointing
 
 # Rows of (positions x vocabulary) logits the first pass holds at once
 PREDICTION_CHUNK = 256
 SHARDED_PARAMETERS_MESSAGE = (
-    "`loss_type='ift'` does not support FSDP or DeepSpeed ZeRO-3: its first pass reads the embedding matrix and runs "
-    "the backbone and LM head outside the model's forward, where these keep the parameters sharded. Use DDP "
-    "(`accelerate_configs/multi_gpu.yaml`) or ZeRO-2 (`accelerate_configs/deepspeed_zero2.yaml`)."
+    "`loss_type='{}'` does not support FSDP or DeepSpeed ZeRO-3: it runs a pass outside the model's forward (IFT's "
+    "first pass reads the embedding matrix and runs the backbone and LM head), where these keep the parameters "
+    "sharded. Use DDP (`accelerate_configs/multi_gpu.yaml`) or ZeRO-2 (`accelerate_configs/deepspeed_zero2.yaml`)."
 )
 
 
-def check_parameters_are_whole(trainer) -> None:
-    """Refuses, before training, the distributed setups whose sharded parameters IFT's first pass cannot read."""
+def check_parameters_are_whole(trainer, loss_type: str) -> None:
+    """Refuses, before training, the distributed setups whose sharded parameters an extra pass cannot read."""
     deepspeed_plugin = trainer.accelerator.state.deepspeed_plugin
     if trainer.is_fsdp_enabled or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3):
-        raise ValueError(SHARDED_PARAMETERS_MESSAGE)
+        raise ValueError(SHARDED_PARAMETERS_MESSAGE.format(loss_type))
 
 
 def current_ift_lambda(args, global_step: int) -> float:
@@ -76,6 +77,7 @@ def predict_next_embeddings(
     return predicted_embeds, token_nll
 
 
+@register_sft_loss("ift", extra_pass=True, citation=citations.IFT)
 def ift_compute_loss(trainer, model, inputs, return_outputs: bool, num_items_in_batch):
     """IFT's loss for `trl_ext.SFTTrainer.compute_loss`: both passes, the relation-propagation loss, and its metrics."""
     # Every target position but a row's first gets a mixed input. Its prediction comes from the previous position,
@@ -86,7 +88,7 @@ def ift_compute_loss(trainer, model, inputs, return_outputs: bool, num_items_in_
     ift_lambda = current_ift_lambda(trainer.args, trainer.state.global_step)
     unwrapped = trainer.accelerator.unwrap_model(model)
     if isinstance(model, FullyShardedDataParallel) or isinstance(unwrapped, FSDPModule):  # wrapped after start-up
-        raise ValueError(SHARDED_PARAMETERS_MESSAGE)
+        raise ValueError(SHARDED_PARAMETERS_MESSAGE.format("ift"))
 
     with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
         predicted_embeds, teacher_forced_nll = predict_next_embeddings(

@@ -1,7 +1,7 @@
-"""Drop-in `SFTConfig` / `SFTTrainer` that add KL-SFT and IFT to TRL's `nll` and `dft` losses.
+"""Drop-in `SFTConfig` / `SFTTrainer` that add the losses registered in `trl_ext.sft_losses` to TRL's `nll` and `dft`.
 
-This module holds the configuration, its validation and the loss dispatch; KL-SFT's reference model lives in
-`sft_reference.py`, IFT's two passes in `ift.py`.
+This module holds the configuration, its validation and the loss dispatch; the registry and KL-SFT's penalty live in
+`sft_losses.py`, the reference model in `sft_reference.py`, IFT's two passes in `ift.py`.
 """
 
 import contextlib
@@ -14,11 +14,12 @@ import trl
 from datasets import Dataset, IterableDataset
 from peft import PeftModel
 
-from . import losses
+from . import citations
 from .data import warn_if_words_glue
 from .embedded import resolve_model_and_args
-from .ift import check_parameters_are_whole, ift_compute_loss
+from .ift import check_parameters_are_whole
 from .packed import rows_per_sequence
+from .sft_losses import KL_PENALTIES, SFTLogps, registered_sft_loss, registered_sft_losses
 from .sft_reference import (
     build_reference,
     keep_starting_adapter_as_reference,
@@ -35,10 +36,6 @@ from .trl_contract import (
     record_fused_outputs,
 )
 
-TRL_EXT_SFT_LOSS_TYPES = ("kl_sft", "ift")
-SFT_LOSS_TYPES = TRL_SFT_LOSS_TYPES + TRL_EXT_SFT_LOSS_TYPES
-SFT_LOSS_CHOICES = TRL_SFT_LOSS_CHOICES + TRL_EXT_SFT_LOSS_TYPES
-KL_PENALTIES = {"sq_logratio": losses.sq_logratio_penalty, "token_kl": losses.token_kl_penalty}
 IFT_PREDICTIONS = ("greedy", "soft")
 IFT_LAMBDA_SCHEDULES = ("constant", "linear")
 
@@ -89,10 +86,11 @@ class SFTConfig(trl.SFTConfig):
             Whether to stop the gradient through the relation-propagation weights (the official code does not).
     """
 
-    # TRL's field lists only its own names as argparse `choices`; widened so that `--loss_type kl_sft` parses.
+    # TRL's field lists only its own names as argparse `choices`: without them, `--loss_type kl_sft` and the names
+    # users register parse, and `validate_sft_config` names the valid ones.
     loss_type: str = field(
         default="nll",
-        metadata={"help": "TRL's loss types, or trl_ext's `kl_sft` or `ift`.", "choices": list(SFT_LOSS_CHOICES)},
+        metadata={"help": "TRL's loss types (`nll`, `dft`), trl_ext's `kl_sft` or `ift`, or a registered SFT loss."},
     )
     kl_coef: float = field(default=0.1, metadata={"help": "Weight of the KL-SFT penalty (>= 0; 0 is exactly `nll`)."})
     kl_penalty: str = field(
@@ -117,19 +115,30 @@ class SFTConfig(trl.SFTConfig):
     ift_detach_weights: bool = field(default=False, metadata={"help": "Detach IFT's relation-propagation weights."})
 
     def __post_init__(self):
+        _check_loss_type_name(self.loss_type, TRL_SFT_LOSS_CHOICES)  # before TRL's checks of other fields
         default_bf16_to_what_the_machine_supports(self)
         super().__post_init__()
         validate_sft_config(self)
 
 
+def _check_loss_type_name(loss_type: str, trl_names: tuple[str, ...] = TRL_SFT_LOSS_TYPES) -> None:
+    if loss_type not in trl_names + registered_sft_losses():
+        raise ValueError(
+            f"Unknown `loss_type` '{loss_type}'. Valid values: TRL's {list(TRL_SFT_LOSS_TYPES)} and trl_ext's "
+            f"{list(registered_sft_losses())}. Custom losses must be registered with `trl_ext.register_sft_loss` "
+            "before the config is created."
+        )
+
+
 def validate_sft_config(args: trl.SFTConfig) -> None:
     """Raises a `ValueError` naming the field and the fix if `args` asks for something trl_ext cannot honour."""
-    if args.loss_type not in SFT_LOSS_TYPES:
-        raise ValueError(f"Unknown `loss_type` '{args.loss_type}'. Valid values: {list(SFT_LOSS_TYPES)}.")
-    if getattr(args, "precompute_ref_log_probs", False) and args.loss_type != "kl_sft":
+    _check_loss_type_name(args.loss_type)
+    uses_reference = args.loss_type in registered_sft_losses() and registered_sft_loss(args.loss_type).reference
+    if getattr(args, "precompute_ref_log_probs", False) and not uses_reference:
         raise ValueError(
-            f"`precompute_ref_log_probs=True` is for `loss_type='kl_sft'`; `{args.loss_type}` has no reference model, "
-            "so it would run a reference pass over the whole dataset for nothing. Set it to False."
+            f"`precompute_ref_log_probs=True` is for `loss_type='kl_sft'`; `{args.loss_type}` has no reference model "
+            "(only losses registered with `reference=True` have one), so it would run a reference pass over the whole "
+            "dataset for nothing. Set it to False."
         )
     if args.loss_type in TRL_SFT_LOSS_TYPES:
         return
@@ -174,8 +183,8 @@ def validate_sft_config(args: trl.SFTConfig) -> None:
     if args.neftune_noise_alpha is not None:
         raise ValueError(
             f"`neftune_noise_alpha` is not supported with `loss_type='{args.loss_type}'`: its noise would enter "
-            + ("IFT's prediction pass and the mixed inputs" if args.loss_type == "ift" else
-               "the policy's log-probs but not the reference's, so the KL penalty would measure noise")
+            + ("the policy's log-probs but not the reference's, so a penalty toward the reference would measure noise"
+               if registered_sft_loss(args.loss_type).reference else f"the passes `{args.loss_type}` runs")
             + ". Leave it at None."
         )
 
@@ -195,9 +204,10 @@ def _as_trl_loss_type(args: trl.SFTConfig):
         args.loss_type = loss_type
 
 
-class SFTTrainer(trl.SFTTrainer):
+class SFTTrainer(citations.CitesItsLosses, trl.SFTTrainer):
     """
-    [`trl.SFTTrainer`] with trl_ext's SFT losses. Same constructor as TRL's plus `ref_model` (used by `kl_sft`).
+    [`trl.SFTTrainer`] with the SFT losses registered with [`register_sft_loss`] (`kl_sft`, `ift` and the user's).
+    Same constructor as TRL's plus `ref_model` (used by losses with a reference, such as `kl_sft`).
 
     `nll` and `dft` are TRL's, untouched. Datasets may also be in preference format (`prompt`, `chosen`, `rejected`):
     the trainer learns the `chosen` completion. `model` may be an embedded name such as
@@ -216,14 +226,16 @@ class SFTTrainer(trl.SFTTrainer):
         trl_arguments = inspect.signature(trl.SFTTrainer.__init__).bind(
             self, model, args, data_collator, train_dataset, eval_dataset, *trainer_args, **trainer_kwargs
         ).arguments
-        if args.loss_type in TRL_EXT_SFT_LOSS_TYPES and trl_arguments.get("compute_loss_func") is not None:
+        registered = registered_sft_loss(args.loss_type) if args.loss_type in registered_sft_losses() else None
+        if registered is not None and trl_arguments.get("compute_loss_func") is not None:
             raise ValueError(
                 f"`compute_loss_func` cannot be combined with `loss_type='{args.loss_type}'`: TRL would compute the "
                 "loss with it and run the forward trl_ext reads without gradient. Drop `compute_loss_func`, or "
                 "subclass `trl_ext.SFTTrainer` and override `compute_loss`."
             )
         starts_from_trained_adapter = isinstance(model, PeftModel) and trl_arguments.get("peft_config") is None
-        if args.loss_type == "kl_sft" and ref_model is None and starts_from_trained_adapter:
+        uses_reference = registered is not None and registered.reference
+        if uses_reference and ref_model is None and starts_from_trained_adapter:
             keep_starting_adapter_as_reference(model)
         # Mapped before TRL sees them: TRL picks `completion_only_loss` from the raw columns.
         train_dataset = _chosen_as_completion(train_dataset, "train")
@@ -233,9 +245,9 @@ class SFTTrainer(trl.SFTTrainer):
             eval_dataset = _chosen_as_completion(eval_dataset, "eval")
         with _as_trl_loss_type(args):
             super().__init__(model, args, data_collator, train_dataset, eval_dataset, *trainer_args, **trainer_kwargs)
-        if args.loss_type == "ift":
-            check_parameters_are_whole(self)
-        self.ref_model = build_reference(self, ref_model) if args.loss_type == "kl_sft" else None
+        if registered is not None and registered.extra_pass:
+            check_parameters_are_whole(self, args.loss_type)
+        self.ref_model = build_reference(self, ref_model) if uses_reference else None
         if args.precompute_ref_log_probs:
             precompute_reference_logps(self)
 
@@ -251,34 +263,40 @@ class SFTTrainer(trl.SFTTrainer):
             self._signature_columns = [*self._signature_columns, "ref_token_logps"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.loss_type == "kl_sft":
-            return self._kl_sft_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.args.loss_type == "ift":
-            return ift_compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.loss_type in TRL_SFT_LOSS_TYPES:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        registered = registered_sft_loss(self.args.loss_type)
+        if registered.extra_pass:
+            return registered.fn(self, model, inputs, return_outputs, num_items_in_batch)
+        return self._loss_added_to_nll(registered, model, inputs, return_outputs, num_items_in_batch)
 
-    def _kl_sft_loss(self, model, inputs, return_outputs, num_items_in_batch):
+    def _loss_added_to_nll(self, registered, model, inputs, return_outputs, num_items_in_batch):
+        """TRL's NLL plus the batch mean of a registered loss computed from the log-probs of TRL's forward."""
         inputs = dict(inputs)
         precomputed = inputs.pop("ref_token_logps", None)
         result, fused_output = self.trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         policy_token_logps, mask = fused_output.log_probs, fused_output.label_mask
-        ref_token_logps = precomputed if precomputed is not None else reference_token_logps(self, inputs)
+        ref_token_logps = None
+        if registered.reference:
+            ref_token_logps = precomputed if precomputed is not None else reference_token_logps(self, inputs)
         # The NLL term as TRL reduces it: a mean over every target token of the batch, on all processes
-        mode = "train" if self.model.training else "eval"
         nll_sum = self.accelerator.gather(-(policy_token_logps.detach() * mask).sum()).sum()
         num_tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
-        mask, policy_token_logps, ref_token_logps = rows_per_sequence(inputs, mask, policy_token_logps,
-                                                                      ref_token_logps)
-        penalty = KL_PENALTIES[self.args.kl_penalty](policy_token_logps, ref_token_logps, mask)
-        loss = loss + self.args.kl_coef * self.batch_mean(penalty) / self.accumulation_divisor(num_items_in_batch)
-        self.log_means({
-            "kl/penalty": penalty,
-            "logps/policy": losses.sequence_mean(policy_token_logps, mask),
-            "logps/ref": losses.sequence_mean(ref_token_logps, mask),
-        })
-        self._metrics[mode]["kl/nll"].append((nll_sum / num_tokens).item())
+        rows = rows_per_sequence(inputs, mask, policy_token_logps,
+                                 *([ref_token_logps] if ref_token_logps is not None else []))
+        batch = SFTLogps(policy_token_logps=rows[1], ref_token_logps=rows[2] if len(rows) > 2 else None, mask=rows[0],
+                         nll=nll_sum / num_tokens)
+        output = registered.fn(batch, self.args)
+        loss = loss + self.batch_mean(output.losses) / self.accumulation_divisor(num_items_in_batch)
+        self.log_means(output.metrics)
         return (loss, outputs) if return_outputs else loss
+
+    def loss_papers(self) -> list[citations.Citation]:
+        """The paper of the registered loss in `loss_type`, if it has one (TRL cites none for its SFT losses)."""
+        if self.args.loss_type in TRL_SFT_LOSS_TYPES or registered_sft_loss(self.args.loss_type).citation is None:
+            return []
+        return [registered_sft_loss(self.args.loss_type).citation]
 
     def trl_compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """TRL's `compute_loss` on `inputs` (token ids or IFT's mixed embeddings), and the fused output of the policy forward it

@@ -18,8 +18,9 @@ REFERENCE_ADAPTER = "ref"
 
 
 def keep_starting_adapter_as_reference(model) -> None:
-    """Adds a frozen copy of `model`'s trained `default` adapter under the name `"ref"`."""
-    model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
+    """Makes the `"ref"` adapter (added if missing) a frozen copy of `model`'s current `default` adapter."""
+    if REFERENCE_ADAPTER not in model.peft_config:
+        model.add_adapter(REFERENCE_ADAPTER, model.peft_config["default"])
     for name, parameter in model.named_parameters():
         if ".default." in name:
             reference = model.get_parameter(name.replace(".default.", f".{REFERENCE_ADAPTER}."))

@@ -107,7 +107,13 @@ PRIVATE_METHODS = (
     PrivateMethod(transformers.Trainer, "_set_signature_columns_if_needed", ("self",)),
     # ...and moves the batches of its reference precompute to the device as the Trainer does
     PrivateMethod(transformers.Trainer, "_prepare_inputs", ("self", "inputs")),
+    # trl_ext.DPOTrainer saves and restores its stateful losses' state next to the optimizer's in each checkpoint
+    PrivateMethod(transformers.Trainer, "_save_optimizer_and_scheduler", ("self", "output_dir")),
+    PrivateMethod(transformers.Trainer, "_load_optimizer_and_scheduler", ("self", "checkpoint")),
 )
+# Both trainers cite the papers of the losses they trained through `_paper`, the dictionary TRL's
+# `create_model_card` reads (keys `title`, `id`, `citation`) and each TRL trainer class sets.
+MODEL_CARD_PAPER_KEYS = ("title", "id", "citation")
 
 
 def check_private_methods() -> None:
@@ -153,10 +159,37 @@ def record_fused_outputs(
         if isinstance(output, FusedCausalLMOutput):
             outputs.append(output)
 
-    modules = {id(module): module for module in (accelerator.unwrap_model(model) for model in models)}
-    handles = [module.register_forward_hook(record) for module in modules.values()]
-    try:
+    with _forward_hooks([accelerator.unwrap_model(model) for model in models], record):
         yield outputs
+
+
+def lm_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a fused forward runs before its LM head: the causal LM's `base_model` (TRL's `add_fused_lm_head`
+    calls `getattr(self, "base_model")` under transformers 5), inside a PEFT wrapper if there is one."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.base_model
+
+
+@contextlib.contextmanager
+def record_last_hidden_states(accelerator: Accelerator, *models: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collects, in call order, the `last_hidden_state` `(B, L, H)` of every backbone forward of `models` (with its
+    autograd graph), as [`record_fused_outputs`] collects the fused outputs of the same forwards."""
+    hidden_states: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        hidden_states.append(output.last_hidden_state)
+
+    with _forward_hooks([lm_backbone(accelerator.unwrap_model(model)) for model in models], record):
+        yield hidden_states
+
+
+@contextlib.contextmanager
+def _forward_hooks(modules: list[torch.nn.Module], hook) -> Iterator[None]:
+    """`hook` on the forward of each distinct module of `modules` while the context is open."""
+    distinct = {id(module): module for module in modules}
+    handles = [module.register_forward_hook(hook) for module in distinct.values()]
+    try:
+        yield
     finally:
         for handle in handles:
             handle.remove()

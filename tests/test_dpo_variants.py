@@ -1,0 +1,189 @@
+"""cDPO, R-DPO, beta-DPO, NPO, TDPO and sDPO in `trl_ext.DPOTrainer` on the tiny random Llama; per-token losses;
+model cards."""
+
+import math
+import os
+
+import pytest
+import torch
+import trl
+from transformers import AutoModelForCausalLM
+
+from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss
+from trl_ext.citations import DPO as DPO_PAPER
+from trl_ext.dpo import LOSS_STATE_FILE
+from trl_ext.preference_losses import token_kl
+
+from .conftest import LORA, make_config, step_logs, train
+
+
+def test_degenerate_settings_train_as_trl_sigmoid(tiny_model_dir, preference_dataset, tmp_path):
+    """cDPO without smoothing, R-DPO without length weight, and one sDPO stage are TRL's sigmoid, every metric."""
+    theirs = step_logs(train(trl.DPOTrainer, trl.DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "trl",
+                             loss_type="sigmoid", max_steps=2))
+    for fields in ({"loss_type": "cdpo", "label_smoothing": 0.0, "sdpo_stages": 1},
+                   {"loss_type": "rdpo", "rdpo_alpha": 0.0}):
+        ours = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / fields["loss_type"],
+                     max_steps=2, **fields)
+        assert step_logs(ours, drop={"rdpo/length_difference"}) == theirs
+
+
+def test_cdpo_and_rdpo_first_step_by_hand(tiny_model_dir, preference_dataset, tmp_path):
+    """At step 0 policy = reference, so every margin is 0: cDPO's loss is log 2 whatever the smoothing, and R-DPO's
+    is softplus(alpha * (|y_w| - |y_l|)) with the tokenized lengths."""
+    cdpo = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "cdpo", loss_type="cdpo",
+                 label_smoothing=0.2, max_steps=1)
+    assert step_logs(cdpo)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    rdpo = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "rdpo", loss_type="rdpo",
+                 rdpo_alpha=0.1, max_steps=1)
+    log = step_logs(rdpo)[0]
+    difference = log["rdpo/length_difference"]
+    assert difference != 0  # the test sentences differ in length
+    assert log["loss"] == pytest.approx(math.log1p(math.exp(0.1 * difference)), abs=1e-5)
+
+
+def test_npo_lowers_the_rejected_likelihood(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path, loss_type="npo",
+                    learning_rate=5e-3, max_steps=2)
+    logs = step_logs(trainer)
+    assert logs[0]["loss"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)  # rho = 0: (2 / beta) log 2
+    assert logs[-1]["rewards/rejected"] < -0.1
+    assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+BETA_DPO = dict(loss_type="beta_dpo", beta_dpo_alpha=1.0, beta_dpo_filter_ratio=0.25)
+
+
+def test_beta_dpo_logs_its_beta_and_its_state_survives_resume(tiny_model_dir, preference_dataset, tmp_path):
+    full = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "full", max_steps=3,
+                 save_strategy="steps", save_steps=2, **BETA_DPO)
+    logs = step_logs(full)
+    assert logs[0]["beta_dpo/beta"] == pytest.approx(0.1)  # margins 0, running mean 0
+    assert logs[0]["beta_dpo/kept"] == pytest.approx(0.75)  # 3 of 4 pairs
+    assert logs[-1]["beta_dpo/running_mean"] != 0
+    assert logs[-1]["beta_dpo/beta"] != pytest.approx(0.1)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / LOSS_STATE_FILE).is_file()
+    resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(DPOConfig, tmp_path / "resumed", max_steps=3, **BETA_DPO))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    keys = ("beta_dpo/beta", "beta_dpo/running_mean", "beta_dpo/running_std", "loss")
+    # The resumed history starts with the checkpoint's two steps
+    assert [[log[key] for key in keys] for log in step_logs(resumed)[2:]] == [[logs[2][key] for key in keys]]
+
+    os.remove(checkpoint / LOSS_STATE_FILE)
+    with pytest.raises(FileNotFoundError, match=LOSS_STATE_FILE):
+        DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                   args=make_config(DPOConfig, tmp_path / "again", max_steps=3, **BETA_DPO)
+                   ).train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_registered_loss_receives_per_token_log_probs(tiny_model_dir, preference_dataset, tmp_path):
+    seen = {}
+
+    @register_dpo_loss("test_token_level", token_logps=True)
+    def token_level(batch, config):
+        seen["sums"] = (batch.chosen_token_logps * batch.chosen_mask).sum(1), batch.chosen_logps
+        seen["ref"] = (batch.ref_rejected_token_logps * batch.rejected_mask).sum(1), batch.ref_rejected_logps
+        seen["lengths"] = batch.chosen_mask.sum(1).float(), batch.chosen_lengths
+        per_token_margin = batch.chosen_token_logps - batch.ref_chosen_token_logps
+        return PreferenceLossOutput(per_token_margin.sum(1) * 0, {"tokens": batch.chosen_mask.sum(1).float()})
+
+    train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path,
+          loss_type=["sigmoid", "test_token_level"], max_steps=1)
+    for computed, given in seen.values():
+        torch.testing.assert_close(computed, given)
+    with pytest.raises(ValueError, match=r"`test_token_level` reads the reference's per-token log-probs"):
+        make_config(DPOConfig, tmp_path, loss_type="test_token_level", precompute_ref_log_probs=True)
+
+
+@pytest.mark.parametrize(
+    "loss_type, cited, not_cited",
+    [(["dpop"], ["2402.13228"], ["2305.18290"]), (["sigmoid", "npo"], ["2305.18290", "2404.05868"], ["2402.13228"])],
+    ids=["dpop", "sigmoid+npo"],
+)
+def test_model_card_cites_the_losses_used(tiny_model_dir, preference_dataset, tmp_path, loss_type, cited, not_cited):
+    trainer = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(DPOConfig, tmp_path, loss_type=loss_type))
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    for arxiv_id in cited:
+        assert f"eprint        = {{{arxiv_id}}}" in card
+    for arxiv_id in not_cited:
+        assert arxiv_id not in card
+    assert f"https://huggingface.co/papers/{cited[0]}" in card  # "a method introduced in" the first one
+    tags = card.split("---")[1]
+    for name in ["trl-ext", *loss_type]:
+        assert f"- {name}\n" in tags
+
+
+def test_vocabulary_kl_equals_the_kl_of_full_logits(tiny_model_dir, preference_dataset, tmp_path):
+    """The chunked KL from recorded hidden states against the KL of both models' full logits."""
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in ref_model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    seen = {}
+
+    @register_dpo_loss("test_vocabulary_kl", vocabulary_kl=True)
+    def record_kl(batch, config):
+        seen["kl"] = torch.cat([batch.chosen_token_kl, batch.rejected_token_kl])
+        return batch.margins * 0
+
+    trainer = DPOTrainer(model=tiny_model_dir, ref_model=ref_model, train_dataset=preference_dataset,
+                         args=make_config(DPOConfig, tmp_path, loss_type="test_vocabulary_kl"))
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.compute_loss(trainer.model, inputs)
+    model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+    with torch.no_grad():
+        policy_logits = trainer.model(**model_inputs).logits[:, :-1]
+        ref_logits = trainer.ref_model(**model_inputs).logits[:, :-1]
+    expected = token_kl(policy_logits.flatten(0, 1), ref_logits.flatten(0, 1)).view(policy_logits.shape[:2])
+    expected = expected * inputs["completion_mask"][:, 1:]
+    assert expected.sum() > 0
+    torch.testing.assert_close(seen["kl"].detach(), expected, atol=1e-5, rtol=1e-4)
+    assert seen["kl"].requires_grad
+
+
+def test_tdpo_trains_from_zero_kl(tiny_model_dir, preference_dataset, tmp_path):
+    for loss_type in ("tdpo1", "tdpo2"):
+        logs = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / loss_type,
+                               loss_type=loss_type, learning_rate=5e-3, max_steps=2))
+        # policy = reference at step 0: no KL, DPO's log 2
+        assert logs[0][f"{loss_type}/kl_chosen"] == pytest.approx(0.0, abs=1e-6)
+        assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        assert logs[-1][f"{loss_type}/kl_rejected"] > 0
+        assert logs[-1]["rewards/margins"] > 0
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full_fine_tuning", "peft"])
+def test_sdpo_policy_becomes_the_reference_at_each_stage(tiny_model_dir, preference_dataset, tmp_path, peft):
+    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path,
+                    {"peft_config": LORA} if peft else None, loss_type="sigmoid", sdpo_stages=2, max_steps=4,
+                    learning_rate=5e-3)
+    margins = [log["rewards/margins"] for log in step_logs(trainer)]
+    # Steps 1 and 3 start a stage: the policy is the reference, every log-ratio is 0
+    assert margins[0] == 0.0 and margins[2] == pytest.approx(0.0, abs=1e-6)
+    assert margins[1] > 0 and margins[3] > 0
+
+
+def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"`sdpo_stages` must be an integer >= 1, got 0"):
+        make_config(DPOConfig, tmp_path, sdpo_stages=0)
+    with pytest.raises(ValueError, match=r"`sdpo_stages=2` replaces the reference .* `precompute_ref_log_probs=True`"):
+        DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                   args=make_config(DPOConfig, tmp_path, sdpo_stages=2, precompute_ref_log_probs=True))
+    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "first", sdpo_stages=3,
+                    max_steps=3, save_strategy="steps", save_steps=2)
+    resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(DPOConfig, tmp_path / "resumed", sdpo_stages=3, max_steps=3))
+    with pytest.raises(ValueError, match=r"Resuming sDPO from step 2, past the stage boundary at step 1"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
+    assert trainer.state.global_step == 3
+
+
+def test_trl_config_is_accepted_for_trl_losses(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                         args=make_config(trl.DPOConfig, tmp_path, loss_type="sigmoid"))
+    assert trainer.extension_losses == [] and trainer.loss_papers() == [DPO_PAPER]
