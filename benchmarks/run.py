@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -83,8 +84,11 @@ def synthetic_rows(num_rows: int, seq_len: int) -> dict[str, list[str]]:
 
 
 def model_path(model: str, cache: Path) -> str:
+    """The checkpoint of a benchmark model name (`tiny`, `embedded`); any other value is a model directory."""
     if model == "embedded":
         return "embedded:smollm2-135m-instruct"
+    if model != "tiny":
+        return model
     from trl_ext.testing import build_tiny_llama
 
     path = cache / "tiny-llama"
@@ -93,7 +97,10 @@ def model_path(model: str, cache: Path) -> str:
     return str(path)
 
 
-def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: str, args):
+def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: str, args, rows: dict | None = None,
+                  quantization_config=None, **config):
+    """The contender's trainer on `rows` (default: synthetic rows of `seq_len`), LoRA r 8 on q/k/v/o unless `setup` is
+    `ref_model`; `config`: further config fields (`packing`, `optim`, ...)."""
     import trl
     from datasets import Dataset
     from peft import LoraConfig
@@ -106,8 +113,8 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
         (module.DPOTrainer, module.DPOConfig) if family == "dpo" else (module.SFTTrainer, module.SFTConfig)
     )
     batch_size = args.dpo_batch_size if family == "dpo" else args.sft_batch_size
-    rows = synthetic_rows(batch_size * args.batches, seq_len)
-    if family == "sft":
+    rows = rows or synthetic_rows(batch_size * args.batches, seq_len)
+    if family == "sft" and "chosen" in rows:
         rows = {"prompt": rows["prompt"], "completion": rows["chosen"]}
     config = config_cls(
         output_dir=tempfile.mkdtemp(),
@@ -121,6 +128,7 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
         save_strategy="no",
         seed=0,
         **({"precompute_ref_log_probs": True} if setup == "precomputed" else {}),
+        **config,
         **overrides,
     )
     peft_config = None
@@ -131,6 +139,7 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
         args=config,
         train_dataset=Dataset.from_dict(rows),
         peft_config=peft_config,
+        quantization_config=quantization_config,
     )
 
 
@@ -165,9 +174,10 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def flop_ratios(steps: dict) -> dict[str, dict]:
-    """Each contender's FLOPs for one step on the same batch, and their ratio to the first (the baseline)'s."""
-    flops = {name: step_flops(step) for name, step in steps.items()}
+def flop_ratios(steps: Iterable[tuple[str, Callable]]) -> dict[str, dict]:
+    """Each contender's FLOPs for one step on the same batch, and their ratio to the first (the baseline)'s.
+    `steps` yields `(name, step)` pairs; a generator lets each contender be freed before the next is built."""
+    flops = {name: step_flops(step) for name, step in steps}
     baseline = flops[next(iter(flops))]
     return {name: {"flops": value, "flop_ratio": value / baseline} for name, value in flops.items()}
 
@@ -177,25 +187,30 @@ def contender_steps(family, model, seq_len, setup, args) -> dict:
 
 
 def flops_worker(family, model, seq_len, setup, args) -> dict:
-    return flop_ratios(contender_steps(family, model, seq_len, setup, args))
+    # One contender in memory at a time: the `ref_model` setup holds a model, its reference and Adam state each
+    return flop_ratios((name, make_step(build_trainer(family, name, model, seq_len, setup, args)))
+                       for name in CONTENDERS[family])
 
 
 def time_worker(family, model, seq_len, setup, args) -> dict:
-    """Per contender: the FLOPs of a step, the median step time, and the median over rounds of its step time divided
-    by the baseline's in the same round. The paired ratio cancels what drifts between rounds (other load, clock
-    changes)."""
-    steps = contender_steps(family, model, seq_len, setup, args)
-    flops = flop_ratios(steps)  # first, so every contender counts the same batch
+    return side_by_side(contender_steps(family, model, seq_len, setup, args), args.warmup, args.steps)
+
+
+def side_by_side(steps: dict[str, Callable], warmup: int, rounds: int) -> dict:
+    """Per contender (the first is the baseline): the FLOPs of a step, the median step time, and the median over
+    rounds of its step time divided by the baseline's in the same round. The paired ratio cancels what drifts between
+    rounds (other load, clock changes)."""
+    flops = flop_ratios(steps.items())  # first, so every contender counts the same batch
     names = list(steps)
     times = {name: [] for name in names}
-    for round_index in range(args.warmup + args.steps):
+    for round_index in range(warmup + rounds):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
         for name in order:
             synchronize()
             start = time.perf_counter()
             steps[name]()
             synchronize()
-            if round_index >= args.warmup:
+            if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     baseline = times[names[0]]
     return {name: {**flops[name], "step_s": statistics.median(values),
@@ -215,8 +230,9 @@ def memory_worker(family, contender, model, seq_len, setup, args) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_worker(argv: list[str]) -> object:
-    command = [sys.executable, __file__, *argv]
+def run_worker(argv: list[str], script: str = __file__) -> object:
+    """Runs `script` with `argv` in a fresh process; returns the JSON of its last line of output."""
+    command = [sys.executable, script, *argv]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
