@@ -262,11 +262,13 @@ def machine() -> dict:
 
 
 def markdown(results: list[dict], info: dict, args) -> str:
+    measured = ("FLOPs of one step only (`--flops_only`)." if args.flops_only else
+                f"step time: median of {args.steps} steps after {args.warmup} warm-up; peak memory: over "
+                f"{args.memory_steps} steps.")
     lines = [
         f"Device: {info['device']} ({info['cpu_count']} CPUs), torch {info['torch']}, transformers "
         f"{info['transformers']}, trl {info['trl']}. Batch: {args.dpo_batch_size} pairs (DPO), {args.sft_batch_size} "
-        f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; step time: median "
-        f"of {args.steps} steps after {args.warmup} warm-up; peak memory: over {args.memory_steps} steps.",
+        f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; {measured}",
         "",
         "| family | model | seq | setup | contender | GFLOP/step | FLOP ratio | step s | step ratio | peak MiB | "
         "memory ratio | target |",
@@ -297,7 +299,7 @@ def main(args) -> list[dict]:
     common = [f"--{key}={value}" for key, value in vars(args).items()
               if key in ("cache", "warmup", "steps", "memory_steps", "batches", "dpo_batch_size", "sft_batch_size")]
     common += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--bf16"] * args.bf16
-    results = []
+    results, info = [], machine()
     for family in args.families:
         for model in args.models:
             for seq_len in args.seq_lens:
@@ -323,7 +325,13 @@ def main(args) -> list[dict]:
                                **measured[name]}
                         row["target"] = target_verdict(row)
                         results.append(row)
-    info = machine()
+                    write_results(results, info, args)  # after every configuration: an interrupted run keeps them
+    print(write_results(results, info, args))
+    return results
+
+
+def write_results(results: list[dict], info: dict, args) -> str:
+    """Writes `results.json` and `results.md` to `args.output_dir`; returns the table."""
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(results, info, args)
@@ -331,8 +339,7 @@ def main(args) -> list[dict]:
     (output_dir / "results.json").write_text(json.dumps(
         {"machine": info, "settings": vars(args), "results": results}, indent=2
     ))
-    print(table)
-    return results
+    return table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
