@@ -150,6 +150,7 @@ def time_block(block: str, args) -> dict:
             steps[name], measured[name] = step, {"tokens_per_step": tokens_per_step(trainer)}
         except Exception as error:  # noqa: BLE001: recorded, the other contenders go on
             measured[name] = {"error": error_text(error)}
+        free_memory()  # what a failed contender held, once its exception is gone
     baseline = BLOCKS[block][2][0]
     if baseline in steps:
         for name, row in side_by_side(steps, args.warmup, args.steps).items():
@@ -158,6 +159,16 @@ def time_block(block: str, args) -> dict:
         for name in steps:
             measured[name]["error"] = f"not compared: the baseline `{baseline}` failed"
     return measured
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if cuda():
+        torch.cuda.empty_cache()
 
 
 def memory_of(block: str, contender: str, args) -> dict:
@@ -188,14 +199,14 @@ def qlora_part(args) -> list[dict]:
     for block, (family, packing, contenders) in BLOCKS.items():
         print(f"qlora: {block}", file=sys.stderr, flush=True)
         try:
-            measured = run_worker([f"--worker=time", f"--block={block}", *common], __file__)
+            measured = run_worker(["--worker=time", f"--block={block}", *common], __file__)
         except Exception as error:  # noqa: BLE001: the whole worker died (killed for memory, say)
             measured = {name: {"error": error_text(error)} for name in contenders}
         for name in contenders:
             row = {"block": block, "family": family, "packing": packing, "contender": name, **measured[name]}
             if "error" not in row and cuda():  # a CPU process's RSS is `benchmarks/run.py`'s measure
                 try:
-                    row.update(run_worker([f"--worker=memory", f"--block={block}", f"--contender={name}", *common],
+                    row.update(run_worker(["--worker=memory", f"--block={block}", f"--contender={name}", *common],
                                           __file__))
                 except Exception as error:  # noqa: BLE001
                     row["memory_error"] = error_text(error)
