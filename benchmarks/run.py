@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -87,8 +88,11 @@ def synthetic_rows(num_rows: int, seq_len: int) -> dict[str, list[str]]:
 
 
 def model_path(model: str, cache: Path) -> str:
+    """The checkpoint of a benchmark model name (`tiny`, `embedded`); any other value is a model directory."""
     if model == "embedded":
         return "embedded:smollm2-135m-instruct"
+    if model != "tiny":
+        return model
     from trl_ext.testing import build_tiny_llama
 
     path = cache / "tiny-llama"
@@ -97,7 +101,10 @@ def model_path(model: str, cache: Path) -> str:
     return str(path)
 
 
-def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: str, args):
+def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: str, args, rows: dict | None = None,
+                  quantization_config=None, **config):
+    """The contender's trainer on `rows` (default: synthetic rows of `seq_len`), LoRA r 8 on q/k/v/o unless `setup` is
+    `ref_model`; `config`: further config fields (`packing`, `optim`, ...)."""
     import trl
     from datasets import Dataset
     from peft import LoraConfig
@@ -110,8 +117,8 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
         (module.DPOTrainer, module.DPOConfig) if family == "dpo" else (module.SFTTrainer, module.SFTConfig)
     )
     batch_size = args.dpo_batch_size if family == "dpo" else args.sft_batch_size
-    rows = synthetic_rows(batch_size * args.batches, seq_len)
-    if family == "sft":
+    rows = rows or synthetic_rows(batch_size * args.batches, seq_len)
+    if family == "sft" and "chosen" in rows:
         rows = {"prompt": rows["prompt"], "completion": rows["chosen"]}
     config = config_cls(
         output_dir=tempfile.mkdtemp(),
@@ -125,6 +132,7 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
         save_strategy="no",
         seed=0,
         **({"precompute_ref_log_probs": True} if setup == "precomputed" else {}),
+        **config,
         **overrides,
     )
     peft_config = None
@@ -135,6 +143,7 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
         args=config,
         train_dataset=Dataset.from_dict(rows),
         peft_config=peft_config,
+        quantization_config=quantization_config,
     )
 
 
@@ -169,9 +178,10 @@ def step_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def flop_ratios(steps: dict) -> dict[str, dict]:
-    """Each contender's FLOPs for one step on the same batch, and their ratio to the first (the baseline)'s."""
-    flops = {name: step_flops(step) for name, step in steps.items()}
+def flop_ratios(steps: Iterable[tuple[str, Callable]]) -> dict[str, dict]:
+    """Each contender's FLOPs for one step on the same batch, and their ratio to the first (the baseline)'s.
+    `steps` yields `(name, step)` pairs; a generator lets each contender be freed before the next is built."""
+    flops = {name: step_flops(step) for name, step in steps}
     baseline = flops[next(iter(flops))]
     return {name: {"flops": value, "flop_ratio": value / baseline} for name, value in flops.items()}
 
@@ -181,25 +191,30 @@ def contender_steps(family, model, seq_len, setup, args) -> dict:
 
 
 def flops_worker(family, model, seq_len, setup, args) -> dict:
-    return flop_ratios(contender_steps(family, model, seq_len, setup, args))
+    # One contender in memory at a time: the `ref_model` setup holds a model, its reference and Adam state each
+    return flop_ratios((name, make_step(build_trainer(family, name, model, seq_len, setup, args)))
+                       for name in CONTENDERS[family])
 
 
 def time_worker(family, model, seq_len, setup, args) -> dict:
-    """Per contender: the FLOPs of a step, the median step time, and the median over rounds of its step time divided
-    by the baseline's in the same round. The paired ratio cancels what drifts between rounds (other load, clock
-    changes)."""
-    steps = contender_steps(family, model, seq_len, setup, args)
-    flops = flop_ratios(steps)  # first, so every contender counts the same batch
+    return side_by_side(contender_steps(family, model, seq_len, setup, args), args.warmup, args.steps)
+
+
+def side_by_side(steps: dict[str, Callable], warmup: int, rounds: int) -> dict:
+    """Per contender (the first is the baseline): the FLOPs of a step, the median step time, and the median over
+    rounds of its step time divided by the baseline's in the same round. The paired ratio cancels what drifts between
+    rounds (other load, clock changes)."""
+    flops = flop_ratios(steps.items())  # first, so every contender counts the same batch
     names = list(steps)
     times = {name: [] for name in names}
-    for round_index in range(args.warmup + args.steps):
+    for round_index in range(warmup + rounds):
         order = names[round_index % len(names):] + names[: round_index % len(names)]
         for name in order:
             synchronize()
             start = time.perf_counter()
             steps[name]()
             synchronize()
-            if round_index >= args.warmup:
+            if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
     baseline = times[names[0]]
     return {name: {**flops[name], "step_s": statistics.median(values),
@@ -219,8 +234,9 @@ def memory_worker(family, contender, model, seq_len, setup, args) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_worker(argv: list[str]) -> object:
-    command = [sys.executable, __file__, *argv]
+def run_worker(argv: list[str], script: str = __file__) -> object:
+    """Runs `script` with `argv` in a fresh process; returns the JSON of its last line of output."""
+    command = [sys.executable, script, *argv]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
@@ -250,11 +266,13 @@ def machine() -> dict:
 
 
 def markdown(results: list[dict], info: dict, args) -> str:
+    measured = ("FLOPs of one step only (`--flops_only`)." if args.flops_only else
+                f"step time: median of {args.steps} steps after {args.warmup} warm-up; peak memory: over "
+                f"{args.memory_steps} steps.")
     lines = [
         f"Device: {info['device']} ({info['cpu_count']} CPUs), torch {info['torch']}, transformers "
         f"{info['transformers']}, trl {info['trl']}. Batch: {args.dpo_batch_size} pairs (DPO), {args.sft_batch_size} "
-        f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; step time: median "
-        f"of {args.steps} steps after {args.warmup} warm-up; peak memory: over {args.memory_steps} steps.",
+        f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; {measured}",
         "",
         "| family | model | seq | setup | contender | GFLOP/step | FLOP ratio | step s | step ratio | peak MiB | "
         "memory ratio | target |",
@@ -285,7 +303,7 @@ def main(args) -> list[dict]:
     common = [f"--{key}={value}" for key, value in vars(args).items()
               if key in ("cache", "warmup", "steps", "memory_steps", "batches", "dpo_batch_size", "sft_batch_size")]
     common += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--bf16"] * args.bf16
-    results = []
+    results, info = [], machine()
     for family in args.families:
         for model in args.models:
             for seq_len in args.seq_lens:
@@ -311,7 +329,13 @@ def main(args) -> list[dict]:
                                **measured[name]}
                         row["target"] = target_verdict(row)
                         results.append(row)
-    info = machine()
+                    write_results(results, info, args)  # after every configuration: an interrupted run keeps them
+    print(write_results(results, info, args))
+    return results
+
+
+def write_results(results: list[dict], info: dict, args) -> str:
+    """Writes `results.json` and `results.md` to `args.output_dir`; returns the table."""
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     table = markdown(results, info, args)
@@ -319,8 +343,7 @@ def main(args) -> list[dict]:
     (output_dir / "results.json").write_text(json.dumps(
         {"machine": info, "settings": vars(args), "results": results}, indent=2
     ))
-    print(table)
-    return results
+    return table
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

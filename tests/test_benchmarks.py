@@ -1,4 +1,4 @@
-"""`benchmarks/run.py --smoke`: the output's structure, not its numbers."""
+"""The benchmarks: exact FLOP ratios, and the structure of `run.py`'s and `gpu_suite.py`'s output (never timings)."""
 
 import importlib.util
 import json
@@ -33,8 +33,20 @@ def test_benchmark_smoke_run_writes_complete_results(tmp_path):
     assert len([line for line in table if line.startswith("| dpo") or line.startswith("| sft")]) == 15
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark_run", ROOT / "benchmarks/run.py")
+@pytest.mark.e2e
+def test_flops_only_run_counts_without_timing(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/run.py"), "--flops_only", "--families", "dpo", "--models",
+                    "tiny", "--seq_lens", "128", "--setups", "peft", "--output_dir", str(tmp_path), "--cache",
+                    str(tmp_path / "cache")], check=True, capture_output=True, cwd=ROOT)
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [row["flop_ratio"] for row in rows] == [1.0] * 5 and all(row["flops"] > 0 for row in rows)
+    assert not {"step_s", "step_ratio", "peak_mib", "memory_ratio"} & {key for row in rows for key in row}
+    table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| dpo")]
+    assert len(table) == 5 and all(line.endswith("| 1.000 | - | - | - | - |  |") for line in table)
+
+
+def load_benchmark(name: str = "run"):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -47,7 +59,7 @@ def test_flops_of_a_step_against_trl(tmp_path, family, setup):
     args = benchmark.parse_args(["--smoke", "--cache", str(tmp_path)])
     steps = {name: benchmark.make_step(benchmark.build_trainer(family, name, "tiny", 128, setup, args))
              for name in benchmark.CONTENDERS[family]}
-    ratios = {name: row["flop_ratio"] for name, row in benchmark.flop_ratios(steps).items()}
+    ratios = {name: row["flop_ratio"] for name, row in benchmark.flop_ratios(steps.items()).items()}
     if family == "dpo":  # the same two forwards TRL runs (one with precomputed reference log-probs), nothing more
         assert ratios == {"trl sigmoid": 1.0, "trl sigmoid A/A": 1.0, "trl_ext sigmoid": 1.0, "dpop": 1.0,
                           "dpop_norm": 1.0, "cdpo": 1.0, "rdpo": 1.0, "beta_dpo": 1.0, "npo": 1.0}
@@ -56,3 +68,62 @@ def test_flops_of_a_step_against_trl(tmp_path, family, setup):
     # One extra forward without gradient: a third of a forward + backward (IFT's first pass skips the prompt's LM head)
     assert 1.25 < ratios["kl_sft"] < 1.5
     assert 1.15 < ratios["ift greedy"] <= ratios["ift soft"] < 1.5
+
+
+@pytest.mark.e2e
+def test_gpu_suite_smoke_run(tmp_path):
+    """`gpu_suite.py --smoke` on a CPU: every block and the CPU pipeline run; FLOP ratios are exact; what needs CUDA
+    is recorded as not measured or skipped, never as met or passed."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_suite.py"), "--smoke", "--output_dir",
+                             str(tmp_path), "--cache", str(tmp_path / "cache")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {"device", "torch", "trl", "bitsandbytes", "deepspeed"} <= set(results["machine"])
+    rows = {(row["block"], row["contender"]): row for row in results["qlora"]}
+    assert list(rows) == [
+        ("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "trl_ext sigmoid"), ("dpo", "dpop"),
+        ("dpo", "dpop_norm"), ("sft packed", "trl nll"), ("sft packed", "trl nll A/A"), ("sft packed", "kl_sft"),
+        ("sft packed", "ift greedy"), ("sft packed", "ift soft"), ("sft precomputed", "trl nll"),
+        ("sft precomputed", "kl_sft"), ("sft precomputed", "kl_sft precomputed"),
+    ]
+    for row in rows.values():
+        assert "error" not in row and row["step_s"] > 0 and row["tokens_per_s"] > 0
+    # QLoRA: the DPO family runs exactly TRL's forwards; precomputed KL-SFT runs none of its own
+    assert {row["flop_ratio"] for (block, _), row in rows.items() if block == "dpo"} == {1.0}
+    assert rows["sft packed", "trl nll A/A"]["flop_ratio"] == rows["sft precomputed", "kl_sft precomputed"][
+        "flop_ratio"] == 1.0
+    for block in ("sft packed", "sft precomputed"):
+        assert 1.1 < rows[block, "kl_sft"]["flop_ratio"] < 1.5
+    assert 1.1 < rows["sft packed", "ift greedy"]["flop_ratio"] <= rows["sft packed", "ift soft"]["flop_ratio"] < 1.5
+    # 2 packed rows x 128 tokens of 4 sequences each; 2 pairs cut at 128 tokens
+    assert rows["sft packed", "trl nll"]["tokens_per_step"] > 0.9 * 2 * 128
+    assert rows["dpo", "dpop"]["targets"] == {name: "not measured (no CUDA device)" for name in (
+        "peak allocated < 12 GB", "memory within 1% of TRL", "step time within 2% of TRL")}
+    assert rows["dpo", "trl sigmoid"]["targets"] == {}
+    pipeline = {row["step"]: row["status"] for row in results["pipeline"]}
+    assert pipeline == {"sft + merge": "passed", "dpop (single_gpu)": "passed", "dpop (deepspeed_zero2)":
+                        "skipped: needs CUDA", "dpop (deepspeed_zero3)": "skipped: needs CUDA",
+                        "dpop (fsdp)": "skipped: needs CUDA"}
+    table = (tmp_path / "results.md").read_text()
+    assert "| block | contender | GFLOP/step | FLOP ratio | step s | step ratio | tokens/s | peak alloc MiB |" in table
+    assert table.count("| dpo |") == 5 and table.count("skipped: needs CUDA") == 3
+
+
+def test_gpu_targets_met_missed_or_not_measured():
+    suite = load_benchmark("gpu_suite")
+    dpop = {"family": "dpo", "contender": "dpop", "peak_allocated_mib": 11000.0, "memory_ratio": 1.005,
+            "step_ratio": 1.03}
+    assert suite.target_verdicts(dpop, on_cuda=True) == {
+        "peak allocated < 12 GB": "met", "memory within 1% of TRL": "met", "step time within 2% of TRL": "missed"}
+    over = suite.target_verdicts({**dpop, "peak_allocated_mib": 11500.0}, on_cuda=True)  # 12.06e9 bytes
+    assert over["peak allocated < 12 GB"] == "missed"
+    failed = {"family": "dpo", "contender": "dpop_norm", "error": "CUDA out of memory"}
+    assert suite.target_verdicts(failed, on_cuda=True) == {
+        "memory within 1% of TRL": "not measured (failed)", "step time within 2% of TRL": "not measured (failed)"}
+    kl_sft = {"family": "sft", "contender": "kl_sft", "flop_ratio": 1.333, "step_ratio": 1.36}
+    assert suite.target_verdicts(kl_sft, on_cuda=True) == {"step ratio within 3% of FLOP ratio": "met"}
+    assert suite.target_verdicts({**kl_sft, "step_ratio": 1.40}, on_cuda=True) == {
+        "step ratio within 3% of FLOP ratio": "missed"}
+    assert suite.target_verdicts(kl_sft, on_cuda=False) == {
+        "step ratio within 3% of FLOP ratio": "not measured (no CUDA device)"}
+    assert suite.target_verdicts({"family": "sft", "contender": "trl nll"}, on_cuda=True) == {}

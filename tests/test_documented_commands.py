@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MARKDOWN_FILES = ("README.md", "benchmarks/README.md")
 DOCUMENTED_SCRIPTS = (
     "recipes/dpo.py", "recipes/sft.py", "recipes/llama2_sft.py", "recipes/llama2_dpo.py", "recipes/merge_adapter.py",
-    "recipes/penn_experiment.py", "recipes/penn_data.py", "benchmarks/run.py",
+    "recipes/penn_experiment.py", "recipes/penn_data.py", "benchmarks/run.py", "benchmarks/gpu_suite.py",
 )
 ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 VARIABLE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")

@@ -7,11 +7,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
-def build_tiny_llama(
-    path: str | Path, corpus: list[str], hidden_size: int = 32, num_layers: int = 2, vocab_size: int = 320
-) -> str:
-    """Saves a random Llama and a byte-level BPE tokenizer of `vocab_size` (256 bytes + merges) trained on `corpus`
-    to `path`; returns `path`."""
+def build_tokenizer(corpus: list[str], vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer of `vocab_size` (256 bytes + merges) trained on `corpus`; EOS pads."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -19,9 +16,15 @@ def build_tiny_llama(
         vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(corpus, bpe_trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def build_tiny_llama(
+    path: str | Path, corpus: list[str], hidden_size: int = 32, num_layers: int = 2, vocab_size: int = 320
+) -> str:
+    """Saves a random Llama and a byte-level BPE tokenizer of `vocab_size` (256 bytes + merges) trained on `corpus`
+    to `path`; returns `path`."""
+    tokenizer = build_tokenizer(corpus, vocab_size)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
