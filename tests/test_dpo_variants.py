@@ -30,7 +30,7 @@ def test_degenerate_settings_train_as_trl_sigmoid(tiny_model_dir, preference_dat
 
 def test_cdpo_and_rdpo_first_step_by_hand(tiny_model_dir, preference_dataset, tmp_path):
     """At step 0 policy = reference, so every margin is 0: cDPO's loss is log 2 whatever the smoothing, and R-DPO's
-    is softplus(alpha * (|y_w| - |y_l|)) with the tokenized lengths."""
+    is softplus(-alpha * (|y_w| - |y_l|)) with the tokenized lengths."""
     cdpo = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "cdpo", loss_type="cdpo",
                  label_smoothing=0.2, max_steps=1)
     assert step_logs(cdpo)[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -39,7 +39,7 @@ def test_cdpo_and_rdpo_first_step_by_hand(tiny_model_dir, preference_dataset, tm
     log = step_logs(rdpo)[0]
     difference = log["rdpo/length_difference"]
     assert difference != 0  # the test sentences differ in length
-    assert log["loss"] == pytest.approx(math.log1p(math.exp(0.1 * difference)), abs=1e-5)
+    assert log["loss"] == pytest.approx(math.log1p(math.exp(-0.1 * difference)), abs=1e-5)
 
 
 def test_npo_lowers_the_rejected_likelihood(tiny_model_dir, preference_dataset, tmp_path):

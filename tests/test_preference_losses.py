@@ -40,9 +40,12 @@ def test_cdpo_has_its_minimum_where_the_smoothed_label_is_matched():
 
 
 def test_rdpo_by_hand():
-    # beta * margin - alpha * (30 - 10) = 0.1 - 1.0 = -0.9
+    # beta * margin + alpha * (30 - 10) = 0.1 + 1.0 = 1.1: a longer chosen completion explains part of the preference
     losses = rdpo_loss(torch.tensor([1.0]), torch.tensor([30.0]), torch.tensor([10.0]), beta=0.1, alpha=0.05)
-    assert losses.item() == pytest.approx(_softplus(0.9), abs=1e-6)  # 1.241154
+    assert losses.item() == pytest.approx(_softplus(-1.1), abs=1e-6)  # 0.287335
+    # a shorter chosen completion: 0.1 - 1.0 = -0.9, a larger loss
+    shorter = rdpo_loss(torch.tensor([1.0]), torch.tensor([10.0]), torch.tensor([30.0]), beta=0.1, alpha=0.05)
+    assert shorter.item() == pytest.approx(_softplus(0.9), abs=1e-6)  # 1.241154
     # equal lengths: no regulariser
     same = rdpo_loss(torch.tensor([1.0]), torch.tensor([7.0]), torch.tensor([7.0]), beta=0.1, alpha=0.05)
     assert same.item() == pytest.approx(_softplus(-0.1), abs=1e-7)

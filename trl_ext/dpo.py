@@ -48,8 +48,8 @@ class DPOConfig(trl.DPOConfig):
             `beta`. Must be >= 0; `0` is exactly DPO. The paper uses 50 (with `beta=0.3`) and reports little
             sensitivity in [5, 500]. Used by `"dpop"` and `"dpop_norm"`.
         rdpo_alpha (`float`, *optional*, defaults to `0.01`):
-            R-DPO's length weight: `rdpo_alpha * (|y_w| - |y_l|)` (in tokens) is subtracted inside the sigmoid,
-            outside `beta`. Must be >= 0; `0` is exactly DPO. The paper tunes it per setting; 0.01 is trl_ext's
+            R-DPO's length weight: `rdpo_alpha * (|y_w| - |y_l|)` (in tokens) is added inside the sigmoid, outside
+            `beta`, so length explains part of each preference. Must be >= 0; `0` is exactly DPO. The paper tunes it per setting; 0.01 is trl_ext's
             starting point, not a value the paper prescribes.
         beta_dpo_alpha (`float`, *optional*, defaults to `0.5`):
             beta-DPO's `alpha` in `beta_batch = beta * (1 + alpha * (M_batch - M_running))`; `beta` is the paper's

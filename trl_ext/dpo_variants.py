@@ -31,7 +31,7 @@ def cdpo(batch: PreferenceLogps, config) -> torch.Tensor:
 
 @register_dpo_loss("rdpo", citation=citations.RDPO, validate=lambda config: check_finite_at_least(config, "rdpo_alpha"))
 def rdpo(batch: PreferenceLogps, config) -> PreferenceLossOutput:
-    """R-DPO: DPO with `rdpo_alpha * (|y_w| - |y_l|)` subtracted inside the sigmoid; logs the length difference."""
+    """R-DPO: DPO with `rdpo_alpha * (|y_w| - |y_l|)` added inside the sigmoid; logs the length difference."""
     length_difference = batch.chosen_lengths - batch.rejected_lengths
     losses = rdpo_loss(batch.margins, batch.chosen_lengths, batch.rejected_lengths, config.beta, config.rdpo_alpha)
     return PreferenceLossOutput(losses, {"length_difference": length_difference})

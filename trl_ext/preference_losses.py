@@ -32,9 +32,11 @@ def rdpo_loss(
 ) -> torch.Tensor:
     """R-DPO (Park et al. 2024, "Disentangling Length from Quality in Direct Preference Optimization", eq. 9).
 
-    `loss = -log sigmoid(beta * margin - alpha * (|y_w| - |y_l|))`, `|y|` the completion's length in tokens. The
-    regulariser sits outside `beta`: a chosen completion longer than the rejected one earns less, so the policy cannot
-    lower the loss by growing longer. `alpha = 0` is DPO's sigmoid loss bit for bit.
+    `loss = -log sigmoid(beta * margin + alpha * (|y_w| - |y_l|))`, `|y|` the completion's length in tokens. R-DPO
+    maximises the reward minus `alpha * |y|`, so its implicit reward is `beta * rho + alpha * |y|`: a pair whose
+    chosen completion is the longer one is already partly explained by length, sits further along the sigmoid and
+    pushes the policy less, while a pair that prefers the shorter completion pushes more. The regulariser sits outside
+    `beta`. `alpha = 0` is DPO's sigmoid loss bit for bit.
 
     Args:
         margin: `(B,)` chosen minus rejected log-ratio.
@@ -42,7 +44,7 @@ def rdpo_loss(
         beta: inverse temperature, as in DPO.
         alpha: weight of the length regulariser, >= 0. The paper tunes it per setting and gives no single default.
     """
-    return -F.logsigmoid(beta * margin - alpha * (chosen_lengths - rejected_lengths))
+    return -F.logsigmoid(beta * margin + alpha * (chosen_lengths - rejected_lengths))
 
 
 def npo_loss(rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
