@@ -171,6 +171,8 @@ def test_sdpo_policy_becomes_the_reference_at_each_stage(tiny_model_dir, prefere
 def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"`sdpo_stages` must be an integer >= 1, got 0"):
         make_config(DPOConfig, tmp_path, sdpo_stages=0)
+    with pytest.raises(ValueError, match=r"`sdpo_stages=2` makes the policy the reference .* Set `sync_ref_model=False`"):
+        make_config(DPOConfig, tmp_path, sdpo_stages=2, sync_ref_model=True)
     with pytest.raises(ValueError, match=r"`sdpo_stages=2` replaces the reference .* `precompute_ref_log_probs=True`"):
         DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
                    args=make_config(DPOConfig, tmp_path, sdpo_stages=2, precompute_ref_log_probs=True))

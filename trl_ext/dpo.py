@@ -105,6 +105,12 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
     stages = getattr(args, "sdpo_stages", 1)
     if not isinstance(stages, int) or stages < 1:
         raise ValueError(f"`sdpo_stages` must be an integer >= 1, got {stages!r}.")
+    if stages > 1 and args.sync_ref_model:
+        raise ValueError(
+            f"`sdpo_stages={stages}` makes the policy the reference at each stage boundary, while "
+            "`sync_ref_model=True` (TR-DPO) blends the policy into the reference every `ref_model_sync_steps`: together "
+            "they would train neither method. Set `sync_ref_model=False` or `sdpo_stages=1`."
+        )
     unknown = [name for name in loss_types if name not in valid]
     if unknown:
         raise ValueError(
