@@ -327,10 +327,14 @@ class SFTTrainer(citations.CitesItsLosses, trl.SFTTrainer):
         return per_sequence.sum() * processes / self.accelerator.gather(count).sum().clamp(min=1)
 
     def log_means(self, values: dict[str, torch.Tensor]) -> None:
-        """Logs the mean of each per-sequence tensor over the batch and the processes."""
+        """Logs the mean of each per-sequence tensor over the sequences of every process. Packed rows hold different
+        numbers of sequences on different processes, so each gathers its sum and count, which all-gather can take."""
         mode = "train" if self.model.training else "eval"
         for key, value in values.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value.detach().float()).mean().item())
+            value = value.detach().float()
+            sum_and_count = torch.stack([value.sum(), torch.tensor(float(value.numel()), device=value.device)])
+            total, count = self.accelerator.gather(sum_and_count).view(-1, 2).sum(dim=0)
+            self._metrics[mode][key].append((total / count.clamp(min=1)).item())
 
 
 def _chosen_as_completion(dataset, dataset_name: str):
