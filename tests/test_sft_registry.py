@@ -1,6 +1,7 @@
 """`register_sft_loss`: user losses in `trl_ext.SFTTrainer`, the declared reference, and model cards."""
 
 import pytest
+import torch
 
 import trl_ext
 from trl_ext import SFTConfig, SFTLossOutput, SFTTrainer, register_sft_loss
@@ -49,6 +50,18 @@ def test_registered_loss_without_reference_gets_none_and_refuses_precompute(tiny
     assert step_logs(trainer)[0]["length/tokens"] > 0
     with pytest.raises(ValueError, match=r"`test_length` has no reference model"):
         make_config(SFTConfig, tmp_path, loss_type="test_length", precompute_ref_log_probs=True)
+
+
+def test_registered_loss_may_return_plain_per_sequence_values(tiny_model_dir, preference_dataset, tmp_path):
+    @register_sft_loss("test_constant")
+    def constant(batch, config):
+        return torch.full(batch.mask.shape[:1], 0.25)
+
+    ours = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "ours",
+                 loss_type="test_constant", max_steps=1)
+    nll = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "nll", loss_type="nll",
+                max_steps=1)
+    assert step_logs(ours)[0]["loss"] == pytest.approx(step_logs(nll)[0]["loss"] + 0.25, abs=1e-5)
 
 
 def test_trl_sft_loss_name_cannot_be_registered():

@@ -19,7 +19,7 @@ from .data import warn_if_words_glue
 from .embedded import resolve_model_and_args
 from .ift import check_parameters_are_whole
 from .packed import rows_per_sequence
-from .sft_losses import KL_PENALTIES, SFTLogps, registered_sft_loss, registered_sft_losses
+from .sft_losses import KL_PENALTIES, SFTLogps, SFTLossOutput, registered_sft_loss, registered_sft_losses
 from .sft_reference import (
     build_reference,
     keep_starting_adapter_as_reference,
@@ -288,6 +288,8 @@ class SFTTrainer(citations.CitesItsLosses, trl.SFTTrainer):
         batch = SFTLogps(policy_token_logps=rows[1], ref_token_logps=rows[2] if len(rows) > 2 else None, mask=rows[0],
                          nll=nll_sum / num_tokens)
         output = registered.fn(batch, self.args)
+        if not isinstance(output, SFTLossOutput):  # plain `(S,)` per-sequence values
+            output = SFTLossOutput(output)
         loss = loss + self.batch_mean(output.losses) / self.accumulation_divisor(num_items_in_batch)
         self.log_means(output.metrics)
         return (loss, outputs) if return_outputs else loss

@@ -17,7 +17,8 @@ def mean_logratio(batch: SFTLogps, config: SFTConfig):
 SFTConfig(loss_type="mean_logratio")
 ```
 
-The trainer adds the mean of the `(S,)` per-sequence values (over every process's sequences, with TRL's
+A loss returns the `(S,)` per-sequence values, or an `SFTLossOutput` that also carries metrics. The trainer adds the
+mean of the per-sequence values (over every process's sequences, with TRL's
 `average_tokens_across_devices`) to TRL's NLL, and logs each metric under its key, averaged over sequences and
 processes. A loss that needs a pass of its own declares `extra_pass=True` and replaces `compute_loss`: it is called
 as `fn(trainer, model, inputs, return_outputs, num_items_in_batch)` (IFT is registered so, in `trl_ext.ift`).
