@@ -189,3 +189,11 @@ def test_trl_config_is_accepted_for_trl_losses(tiny_model_dir, preference_datase
     trainer = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
                          args=make_config(trl.DPOConfig, tmp_path, loss_type="sigmoid"))
     assert trainer.extension_losses == [] and trainer.loss_papers() == [DPO_PAPER]
+
+
+def test_beta_dpo_evaluation_keeps_every_pair_and_repeats(tiny_model_dir, preference_dataset, tmp_path):
+    trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path, loss_type="beta_dpo",
+                    beta_dpo_filter_ratio=0.5, max_steps=1)
+    first, second = (trainer.evaluate(preference_dataset) for _ in range(2))
+    assert first["eval_beta_dpo/kept"] == 1.0
+    assert first["eval_loss"] == second["eval_loss"]

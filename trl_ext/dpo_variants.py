@@ -64,8 +64,9 @@ def beta_dpo(batch: PreferenceLogps, config, context: LossContext) -> Preference
     """beta-DPO as in the authors' code: in training, the running mean and standard deviation of the margin (over
     every process's pairs; zero at the start) first take in this batch; then `beta_dpo_filter_ratio` of the pairs
     are dropped, preferring outliers; the batch beta is `beta * (1 + beta_dpo_alpha * (mean kept margin - running
-    mean))`, without gradient. Evaluation uses the running statistics without updating them (the authors' code also
-    updates them on evaluation batches)."""
+    mean))`, without gradient. Evaluation uses the running statistics without updating them and keeps every pair, so
+    its loss is repeatable and draws nothing from the training's random stream (the authors' code updates the
+    statistics and filters on evaluation batches too)."""
     margin = batch.margins.detach()
     state = context.state
     if context.training:
@@ -76,7 +77,8 @@ def beta_dpo(batch: PreferenceLogps, config, context: LossContext) -> Preference
         state["running_std"] = exponential_moving_average(state.get("running_std", 0.0), std, momentum)
     running_mean = state.get("running_mean", margin.new_zeros(()))
     running_std = state.get("running_std", margin.new_zeros(()))
-    mask = beta_dpo_filter_mask(margin, running_mean, running_std, config.beta_dpo_filter_ratio)
+    filter_ratio = config.beta_dpo_filter_ratio if context.training else 0.0
+    mask = beta_dpo_filter_mask(margin, running_mean, running_std, filter_ratio)
     kept_margin = context.gather(margin * mask).sum() / context.gather(mask).sum().clamp(min=1)
     beta = beta_dpo_beta(kept_margin, running_mean, config.beta, config.beta_dpo_alpha)
     losses = weighted_sigmoid_loss(batch.margins, beta, mask)
