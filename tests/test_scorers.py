@@ -19,6 +19,7 @@ from trl_ext.scorers import (
     RewardModelScore,
     Scorer,
     judge_win_rate,
+    mean_completion_nll,
 )
 
 TEXTS = Generations(step=3, prompts=["p1", "p2"], completions=["at Penn at Penn at Penn", "a quiet river"])
@@ -46,6 +47,25 @@ def test_completion_nll_is_the_mean_token_nll_of_each_completion(tiny_model_dir)
         expected.append(-logps[prompt_length - 1:].mean().item())
     scorer = CompletionNLL(model, tokenizer, batch_size=2)  # one padded batch
     assert scorer(Generations(0, prompts, completions)) == pytest.approx(sum(expected) / 2, rel=1e-5)
+
+
+def test_chat_prompts_are_read_with_the_templates_special_tokens_only(tiny_model_dir):
+    """A template that writes BOS itself must not get a second one from the tokenizer, as TRL tokenizes it."""
+    from tokenizers.processors import TemplateProcessing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    bos = tokenizer.eos_token  # the tiny vocabulary's one special token stands in for BOS
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.eos_token_id)])
+    tokenizer.chat_template = bos + "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    messages = [[{"role": "user", "content": "The sun was"}]]
+    text = bos + "The sun was"
+    assert tokenizer(text)["input_ids"][:2] == [tokenizer.eos_token_id] * 2  # what a second BOS would look like
+    once, twice = (mean_completion_nll(model, tokenizer, [text], [" setting"], add_special_tokens=flag)
+                   for flag in (False, True))
+    assert once != pytest.approx(twice)
+    assert CompletionNLL(model, tokenizer)(Generations(0, messages, [" setting"])) == pytest.approx(once)
 
 
 def test_reward_model_score_is_the_mean_reward_logit(tiny_model_dir):

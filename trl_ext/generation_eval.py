@@ -16,7 +16,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .scorers import Generations, Scorer, prompt_texts
+from .scorers import Generations, Scorer, adds_special_tokens, prompt_texts
 from .trl_contract import unwrap_model_for_generation
 
 SAMPLES_KEY = "eval_gen/samples"
@@ -43,7 +43,7 @@ def generate_completions(model, tokenizer, prompts: Sequence, *, max_new_tokens:
             for index in tqdm(mine, desc="generating", disable=disable_tqdm):
                 torch.manual_seed(seed + index)
                 batch = tokenizer(texts[batches[index]: batches[index] + batch_size], return_tensors="pt",
-                                  padding=True).to(device)
+                                  padding=True, add_special_tokens=adds_special_tokens(prompts)).to(device)
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                                         **(generation_kwargs or {}))
                 results.append((index, tokenizer.batch_decode(output[:, batch["input_ids"].size(1):],

@@ -96,18 +96,26 @@ def prompt_texts(prompts: Sequence, tokenizer) -> list[str]:
             for prompt in prompts]
 
 
+def adds_special_tokens(prompts: Sequence) -> bool:
+    """Whether to tokenize [`prompt_texts`] with the tokenizer's special tokens: yes for plain text, as TRL does; no
+    for chat messages, whose template already wrote them (a second BOS is an input the model never saw)."""
+    return all(isinstance(prompt, str) for prompt in prompts)
+
+
 @torch.no_grad()
 def mean_completion_nll(model, tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                        batch_size: int = 16) -> float:
+                        batch_size: int = 16, add_special_tokens: bool = True) -> float:
     """Mean per-token NLL of each completion given its prompt under `model`, averaged over completions. The completion
-    is the tokens of prompt + completion after the prompt's, so a space merged across the boundary counts once."""
+    is the tokens of prompt + completion after the prompt's, so a space merged across the boundary counts once.
+    `add_special_tokens=False` for chat-templated prompts (see [`adds_special_tokens`])."""
     device = next(model.parameters()).device
     per_completion = []
     for start in range(0, len(prompts), batch_size):
         rows = []
         for prompt, completion in zip(prompts[start: start + batch_size], completions[start: start + batch_size]):
-            prompt_ids = tokenizer(prompt)["input_ids"]
-            completion_ids = tokenizer(prompt + completion)["input_ids"][len(prompt_ids):]
+            prompt_ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            completion_ids = tokenizer(prompt + completion, add_special_tokens=add_special_tokens)["input_ids"][
+                len(prompt_ids):]
             rows.append((prompt_ids + completion_ids, len(prompt_ids)))
         width = max(len(ids) for ids, _ in rows)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -136,7 +144,8 @@ class CompletionNLL:
 
     def __call__(self, generations: Generations) -> float:
         prompts = prompt_texts(generations.prompts, self.tokenizer)
-        return mean_completion_nll(self.model, self.tokenizer, prompts, generations.completions, self.batch_size)
+        return mean_completion_nll(self.model, self.tokenizer, prompts, generations.completions, self.batch_size,
+                                   add_special_tokens=adds_special_tokens(generations.prompts))
 
 
 class RewardModelScore:
@@ -159,7 +168,8 @@ class RewardModelScore:
         device = next(self.model.parameters()).device
         rewards = []
         for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(texts[start: start + self.batch_size], return_tensors="pt", padding=True)
+            batch = self.tokenizer(texts[start: start + self.batch_size], return_tensors="pt", padding=True,
+                                   add_special_tokens=adds_special_tokens(generations.prompts))
             rewards += self.model(**batch.to(device)).logits[:, 0].float().tolist()
         return sum(rewards) / len(rewards)
 
