@@ -151,3 +151,9 @@ def test_pairwise_judge_compares_with_the_first_evaluation(judge_url):
     assert judge(Generations(0, PROMPTS, OTHER_SIDE)) == 0.5  # the baseline, against itself
     assert judge(Generations(10, PROMPTS, PENN_SIDE)) == pytest.approx(3 / 4)
     assert judge.baseline == OTHER_SIDE and judge(Generations(20, PROMPTS, PENN_SIDE)) == pytest.approx(3 / 4)
+
+
+def test_ngram_scorers_are_named_after_their_n():
+    assert (RepeatedNgrams().name, RepeatedNgrams(n=2).name, RepeatedNgrams(name="rep").name) == (
+        "repeated_3gram", "repeated_2gram", "rep")
+    assert (DistinctN().name, DistinctN(n=3).name) == ("distinct_2", "distinct_3")

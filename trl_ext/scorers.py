@@ -61,7 +61,10 @@ class RepeatedNgrams:
     """Mean share of each completion's word n-grams that repeat an earlier one (degeneration; 0 is none)."""
 
     n: int = 3
-    name: str = "repeated_3gram"
+    name: str | None = None  # default: `repeated_<n>gram`
+
+    def __post_init__(self):
+        self.name = self.name or f"repeated_{self.n}gram"
 
     def __call__(self, generations: Generations) -> float:
         return mean_repeated_ngram_share(generations.completions, self.n)
@@ -72,7 +75,10 @@ class DistinctN:
     """Distinct word n-grams over all n-grams, pooled across completions (low: every completion says the same)."""
 
     n: int = 2
-    name: str = "distinct_2"
+    name: str | None = None  # default: `distinct_<n>`
+
+    def __post_init__(self):
+        self.name = self.name or f"distinct_{self.n}"
 
     def __call__(self, generations: Generations) -> float:
         return distinct_n(generations.completions, self.n)
