@@ -12,12 +12,15 @@ Reads `recipes/configs/llama2_dpo.yaml` unless `--config` names another file; ev
 `--max_length` tokens are dropped.
 """
 
+if not __package__:  # run as a file: import the sibling recipes from the `recipes` package
+    import _package  # noqa: F401
+
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, TrlParser
 
-import stack_exchange
-from recipe_utils import with_default_config
+from recipes import stack_exchange
+from recipes.recipe_utils import with_default_config
 from trl_ext import DPOConfig, DPOTrainer
 from trl_ext.data import prepare_preference_pairs
 from trl_ext.scripts.common import model_and_tokenizer, reward_summary, train_and_save

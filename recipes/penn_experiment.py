@@ -19,6 +19,9 @@ versions); a rerun reuses a stored result only when all of these match, and trai
 what changed (`--overwrite` always trains again).
 """
 
+if not __package__:  # run as a file: import the sibling recipes from the `recipes` package
+    import _package  # noqa: F401
+
 import json
 import os
 import re
@@ -37,8 +40,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import TrlParser
 
 import trl_ext
-from penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
-from penn_seeds import aggregate, seeds_report
+from recipes.penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
+from recipes.penn_seeds import aggregate, seeds_report
 from trl_ext.data import load_dataset_any, space_completions
 from trl_ext.generation_eval import GenerationEvalCallback, generate_completions, in_prompt_order
 from trl_ext.scorers import (

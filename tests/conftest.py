@@ -1,6 +1,4 @@
 import os
-import sys
-from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -10,8 +8,6 @@ from trl_ext.testing import build_tiny_llama
 
 # Tests never reach a hub: they use models built here and the embedded model's local cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# The recipes import their sibling modules, as when run as `python recipes/<name>.py`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 OPENERS = [
     "The sun was setting over",

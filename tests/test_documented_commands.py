@@ -163,14 +163,14 @@ _MODULES = {}
 
 
 def script_module(script: str):
-    """The module of a repository script: recipes by name (recipes/ is on sys.path, see conftest.py), the rest from
-    their file; `trl_ext.cli` for the command line."""
+    """The module of a repository script: recipes from the `recipes` package, the rest from their file; `trl_ext.cli`
+    for the command line."""
     if script == CLI:
         return importlib.import_module("trl_ext.cli")
     path = (ROOT / script).resolve()
     assert path.is_file(), f"{script} does not exist"
     if path.parent == ROOT / "recipes":
-        return importlib.import_module(path.stem)
+        return importlib.import_module(f"recipes.{path.stem}")
     if path not in _MODULES:
         spec = importlib.util.spec_from_file_location(f"documented_{path.parent.name}_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)

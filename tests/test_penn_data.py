@@ -1,12 +1,12 @@
 """The shipped Penn dataset and the text metrics the Penn experiment reports."""
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from recipes import penn_data
 from trl_ext.text_metrics import (
     PENN_PATTERN,
     alignment_accuracy,
@@ -42,9 +42,6 @@ def test_every_chosen_mentions_penn_and_no_rejected_does():
 
 
 def test_shipped_files_match_the_generator(tmp_path):
-    spec = importlib.util.spec_from_file_location("penn_data", ROOT / "recipes" / "penn_data.py")
-    penn_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(penn_data)
     generated = penn_data.generate(seed=0)
     assert generated["train"] == read("train") and generated["test"] == read("test")
 

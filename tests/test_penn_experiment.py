@@ -1,15 +1,11 @@
 """The Penn experiment recipe end to end with `--quick` (its judge: tests/test_scorers.py)."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("penn_experiment", ROOT / "recipes" / "penn_experiment.py")
-penn = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(penn)
+from recipes import penn_experiment as penn
 
 OUTPUT_FILES = ["report.md", "results.json", "alignment_accuracy.png", "loss_curves.png", "rewards_dpo.png",
                 "rewards_dpop.png", "rewards_trl_dpo.png", "objective_metrics.png", "alignment_accuracy_curves.png"]
@@ -200,7 +196,7 @@ def test_a_judge_that_cannot_be_reached_is_recorded_not_fatal(monkeypatch):
 
 
 def test_every_method_names_its_loss_settings():
-    import penn_results
+    from recipes import penn_results
 
     assert set(penn_results.LOSS_FIELDS) == set(penn.METHODS)
     cdpo, sdpo = (set(penn.provenance(method, parse([]), {}, "m")["settings"]) for method in ("cdpo", "sdpo"))

@@ -1,6 +1,6 @@
 """The recipes, run in-process through their `TrlParser` as `python recipes/<name>.py ...` would."""
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -16,10 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"recipes.{name}")
 
 
 def parse(args: list[str]):

@@ -32,10 +32,10 @@ def _penn_module():
     if not path.is_file():
         raise SystemExit(f"`trl-ext penn` runs {path}, which this installation lacks: install trl-ext from its "
                          "repository checkout with `pip install -e .` (the experiment's data live there).")
-    spec = importlib.util.spec_from_file_location("penn_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # The checkout's recipes, registered as the `recipes` package by its own module for that
+    spec = importlib.util.spec_from_file_location("recipes._package", RECIPES / "_package.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    return importlib.import_module("recipes.penn_experiment")
 
 
 def print_env() -> None:
