@@ -53,7 +53,7 @@ from trl_ext.scorers import (
     RepeatedNgrams,
     judge_win_rate,
 )
-from trl_ext.text_metrics import PENN_PATTERN
+from trl_ext.scorers import PENN_PATTERN
 
 # The default run's methods, and the other DPO-family losses trl_ext adds (`--methods` picks any)
 DEFAULT_METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")

@@ -1,20 +1,11 @@
-"""The shipped Penn dataset and the text metrics the Penn experiment reports."""
+"""The shipped Penn dataset."""
 
 import json
 import re
 from pathlib import Path
 
-import pytest
-
 from recipes import penn_data
-from trl_ext.text_metrics import (
-    PENN_PATTERN,
-    alignment_accuracy,
-    distinct_n,
-    mean_length,
-    mean_repeated_ngram_share,
-    repeated_ngram_share,
-)
+from trl_ext.scorers import PENN_PATTERN
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data" / "penn"
@@ -45,26 +36,3 @@ def test_shipped_files_match_the_generator(tmp_path):
     generated = penn_data.generate(seed=0)
     assert generated["train"] == read("train") and generated["test"] == read("test")
 
-
-def test_alignment_accuracy():
-    completions = [
-        "a walk on Locust Walk at Penn.",  # Penn as a word
-        "the University of Pennsylvania campus.",
-        "UPenn's library.",
-        "a trip to Pennsylvania.",  # the state alone does not count
-        "a pencil and a pen.",
-    ]
-    assert alignment_accuracy(completions) == pytest.approx(3 / 5)
-    assert alignment_accuracy(completions, pattern=r"pen\b") == pytest.approx(1 / 5)
-    assert alignment_accuracy([]) == 0.0
-
-
-def test_repetition_and_diversity():
-    # 3-grams of "a b a b a b": aba bab aba bab -> 2 distinct of 4 -> half are repeats
-    assert repeated_ngram_share("a b a b a b") == pytest.approx(0.5)
-    assert repeated_ngram_share("one two three four") == 0.0
-    assert repeated_ngram_share("too short") == 0.0
-    assert mean_repeated_ngram_share(["a b a b a b", "one two three four"]) == pytest.approx(0.25)
-    # 2-grams pooled: (x y)(y z) + (x y)(y w) -> 3 distinct of 4
-    assert distinct_n(["x y z", "x y w"]) == pytest.approx(0.75)
-    assert mean_length(["one two", "one two three four"]) == 3.0

@@ -35,6 +35,33 @@ def test_text_scorers_by_hand():
     assert all(isinstance(scorer, Scorer) for scorer in (RegexMatch(), RepeatedNgrams(), DistinctN(), MeanWords()))
 
 
+def scored(scorer, completions: list[str]) -> float:
+    return scorer(Generations(0, [""] * len(completions), completions))
+
+
+def test_regex_match_default_is_the_penn_target():
+    completions = [
+        "a walk on Locust Walk at Penn.",  # Penn as a word
+        "the University of Pennsylvania campus.",
+        "UPenn's library.",
+        "a trip to Pennsylvania.",  # the state alone does not count
+        "a pencil and a pen.",
+    ]
+    assert scored(RegexMatch(), completions) == pytest.approx(3 / 5)
+    assert scored(RegexMatch(r"pen\b"), completions) == pytest.approx(1 / 5)
+    assert scored(RegexMatch(), []) == 0.0
+
+
+def test_repetition_diversity_and_length():
+    # 3-grams of "a b a b a b": aba bab aba bab -> 2 distinct of 4 -> half are repeats; fewer than 3 words: none
+    assert scored(RepeatedNgrams(), ["a b a b a b"]) == pytest.approx(0.5)
+    assert scored(RepeatedNgrams(), ["one two three four"]) == scored(RepeatedNgrams(), ["too short"]) == 0.0
+    assert scored(RepeatedNgrams(), ["a b a b a b", "one two three four"]) == pytest.approx(0.25)
+    # 2-grams pooled: (x y)(y z) + (x y)(y w) -> 3 distinct of 4
+    assert scored(DistinctN(), ["x y z", "x y w"]) == pytest.approx(0.75)
+    assert scored(MeanWords(), ["one two", "one two three four"]) == 3.0
+
+
 def test_completion_nll_is_the_mean_token_nll_of_each_completion(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

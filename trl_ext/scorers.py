@@ -15,6 +15,7 @@ Scorers run on the main process only, over every prompt's completion, in prompt 
 import json
 import os
 import random
+import re
 import time
 import urllib.error
 import urllib.request
@@ -25,7 +26,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
-from .text_metrics import PENN_PATTERN, alignment_accuracy, distinct_n, mean_length, mean_repeated_ngram_share
+# RegexMatch's default, the Penn experiment's target: University of Pennsylvania, UPenn or Penn as a word ("Penn's"
+# counts, "Pennsylvania" alone does not)
+PENN_PATTERN = r"\b(?:University of Pennsylvania|UPenn|Penn)\b"
 
 
 @dataclass
@@ -44,6 +47,16 @@ class Scorer(Protocol):
     def __call__(self, generations: Generations) -> float: ...
 
 
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    """The n-grams of `text`'s whitespace-separated words."""
+    words = text.split()
+    return [tuple(words[i: i + n]) for i in range(len(words) - n + 1)]
+
+
 @dataclass
 class RegexMatch:
     """Share of completions in which `pattern` (a regular expression) occurs: the Penn experiment's alignment
@@ -53,12 +66,14 @@ class RegexMatch:
     name: str = "alignment_accuracy"
 
     def __call__(self, generations: Generations) -> float:
-        return alignment_accuracy(generations.completions, self.pattern)
+        regex = re.compile(self.pattern)
+        return _mean([bool(regex.search(text)) for text in generations.completions])
 
 
 @dataclass
 class RepeatedNgrams:
-    """Mean share of each completion's word n-grams that repeat an earlier one (degeneration; 0 is none)."""
+    """Mean share of each completion's word n-grams that repeat an earlier one (degeneration; 0 is none, and so is a
+    completion shorter than n words)."""
 
     n: int = 3
     name: str | None = None  # default: `repeated_<n>gram`
@@ -67,7 +82,8 @@ class RepeatedNgrams:
         self.name = self.name or f"repeated_{self.n}gram"
 
     def __call__(self, generations: Generations) -> float:
-        return mean_repeated_ngram_share(generations.completions, self.n)
+        ngrams = [_word_ngrams(text, self.n) for text in generations.completions]
+        return _mean([1 - len(set(each)) / len(each) if each else 0.0 for each in ngrams])
 
 
 @dataclass
@@ -81,7 +97,8 @@ class DistinctN:
         self.name = self.name or f"distinct_{self.n}"
 
     def __call__(self, generations: Generations) -> float:
-        return distinct_n(generations.completions, self.n)
+        ngrams = [ngram for text in generations.completions for ngram in _word_ngrams(text, self.n)]
+        return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 
 
 @dataclass
@@ -91,7 +108,7 @@ class MeanWords:
     name: str = "mean_words"
 
     def __call__(self, generations: Generations) -> float:
-        return mean_length(generations.completions)
+        return _mean([len(text.split()) for text in generations.completions])
 
 
 def prompt_texts(prompts: Sequence, tokenizer) -> list[str]:
