@@ -1,7 +1,8 @@
 """Each Penn-experiment result records what produced it, and a rerun reuses it only on an exact match.
 
-A method's provenance is its settings (every field of `PennArguments` that can change its result), fingerprints of
-the train and test data and of the base model's files, and the versions of the libraries that train and generate.
+A method's provenance is its settings (every experiment and model argument that can change its result, its trainer
+and every field of its built training config), fingerprints of the train and test data and of the base model's
+files, and the versions of the libraries that train and generate.
 """
 
 import hashlib
@@ -16,18 +17,13 @@ import transformers
 import trl
 
 import trl_ext
+from recipes.penn_config import PennSetup, method_config
 
-# Fields that never change a method's own result: which methods run, where they are written, the judge and the report.
+# Arguments that never change a method's own result: which methods run, where they are written, the judge and the
+# report; and the training fields that only say where and how outputs are written.
 NOT_IN_PROVENANCE = {"methods", "output_dir", "overwrite", "judge_base_url", "judge_model", "judge_api_key_env",
                      "judge_pairs", "num_samples_in_report", "seeds"}
-# The loss settings each method reads; another method's loss settings are not part of its provenance.
-LOSS_FIELDS = {
-    "base": (), "sft": (), "kl_sft": ("kl_coef", "kl_penalty"), "ift": ("ift_lambda", "ift_gamma"),
-    "dpo": ("beta", "dpo_loss_type"), "dpop": ("beta", "dpop_loss_type", "dpop_lambda"), "trl_dpo": ("beta",),
-    "cdpo": ("beta", "label_smoothing"), "rdpo": ("beta", "rdpo_alpha"), "beta_dpo": ("beta", "beta_dpo_alpha"),
-    "npo": ("beta",), "tdpo1": ("beta",), "tdpo2": ("beta", "tdpo_alpha"),
-    "sdpo": ("beta", "dpo_loss_type", "sdpo_stages"),
-}
+TRAINING_NOT_IN_PROVENANCE = {"output_dir", "report_to", "run_name", "disable_tqdm"}
 
 
 def data_fingerprint(dataset) -> str:
@@ -55,21 +51,26 @@ def model_fingerprint(model_path: str) -> str:
     return digest.hexdigest()
 
 
-def provenance(method: str, args, data: dict[str, str], model: str) -> dict:
+def provenance(method: str, setup: PennSetup, data: dict[str, str], model: str) -> dict:
     """What produced `method`'s result: settings, data and model fingerprints (from [`data_fingerprint`],
     [`model_fingerprint`]) and versions."""
-    other_losses = {name for fields in LOSS_FIELDS.values() for name in fields} - set(LOSS_FIELDS[method])
-    settings = {key: value for key, value in asdict(args).items()
-                if key not in NOT_IN_PROVENANCE | other_losses}
-    return {
+    settings = {key: value for key, value in asdict(setup.args).items() if key not in NOT_IN_PROVENANCE}
+    trainer, training = None, {}
+    if method != "base":
+        trainer = setup.training[method]["trainer"]
+        training = {key: value for key, value in method_config(method, setup)[1].to_dict().items()
+                    if key not in TRAINING_NOT_IN_PROVENANCE}
+    return json.loads(json.dumps({  # as a stored result reads it back: tuples as lists
         "method": method,
-        "settings": settings,
+        "settings": {**settings, **asdict(setup.model)},
+        "trainer": trainer,
+        "training": training,
         "data": data,
         "model": model,
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "transformers":
                      transformers.__version__, "trl": trl.__version__, "peft": peft.__version__,
                      "trl_ext": trl_ext.__version__},
-    }
+    }, default=str))
 
 
 def differences(stored: dict, current: dict, prefix: str = "") -> list[str]:

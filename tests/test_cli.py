@@ -85,11 +85,11 @@ def test_generation_eval_needs_prompts(tiny_model_dir, tmp_path):
 
 
 def test_penn_subcommand(tiny_model_dir, tmp_path):
-    function, (penn_args,) = cli.parse_args(["penn", "--quick", "--methods", "sft", "--model_name_or_path",
+    function, (setup,) = cli.parse_args(["penn", "--quick", "--methods", "sft", "--model_name_or_path",
                                              tiny_model_dir, "--lora_target_modules", "q_proj", "v_proj",
                                              "--output_dir", str(tmp_path)])
-    assert penn_args.methods == ["sft"] and penn_args.quick
-    summary = function(penn_args)
+    assert setup.args.methods == ["sft"] and setup.args.quick and list(setup.training) == ["sft"]
+    summary = function(setup)
     assert list(summary["metrics"]) == ["sft"]
     check_curve(tmp_path, summary["methods"]["sft"])
     assert (tmp_path / "alignment_accuracy_curves.png").stat().st_size > 0

@@ -6,15 +6,21 @@ from pathlib import Path
 import pytest
 
 from recipes import penn_experiment as penn
+from recipes import penn_judge
+from recipes.penn_config import DEFAULT_METHODS, DPO_FAMILY, METHODS, MORE_DPO_METHODS, method_config
+from recipes.penn_generation import CURVE_KEY, METRICS
+from recipes.penn_report import wilson_interval
+from recipes.penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
+from recipes.penn_seeds import aggregate, seeds_report
 
 OUTPUT_FILES = ["report.md", "results.json", "alignment_accuracy.png", "loss_curves.png", "rewards_dpo.png",
                 "rewards_dpop.png", "rewards_trl_dpo.png", "objective_metrics.png", "alignment_accuracy_curves.png"]
 
 
-def parse(args: list[str]) -> "penn.PennArguments":
+def parse(args: list[str]) -> "penn.PennSetup":
     """What `python recipes/penn_experiment.py ARGS` passes to `main`."""
-    (penn_args,) = penn.parse_args(args)
-    return penn_args
+    (setup,) = penn.parse_args(args)
+    return setup
 
 
 def check_outputs(output_dir: Path, methods) -> dict:
@@ -23,10 +29,10 @@ def check_outputs(output_dir: Path, methods) -> dict:
     results = json.loads((output_dir / "results.json").read_text())
     assert list(results["metrics"]) == list(methods)
     for method, metrics in results["metrics"].items():
-        for key in penn.METRICS:
+        for key in METRICS:
             assert isinstance(metrics[key], float), (method, key)
         assert 0 <= metrics["alignment_accuracy"] <= 1
-        assert (metrics["final_chosen_reward"] is None) == (method not in penn.DPO_FAMILY)
+        assert (metrics["final_chosen_reward"] is None) == (method not in DPO_FAMILY)
         if method != "base":
             assert any((output_dir / method / "model").glob("adapter_model.safetensors"))
     assert {"torch", "trl", "transformers", "trl_ext"} <= set(results["versions"])
@@ -40,9 +46,9 @@ def check_outputs(output_dir: Path, methods) -> dict:
 def check_curve(output_dir: Path, result: dict) -> None:
     """--quick: the alignment-accuracy curve has points at steps 0, 2 and 4 on all 16 test prompts; its last point
     generated what the final evaluation did (same prompts, seed and decoding), so it scores the same."""
-    curve = [entry for entry in result["log_history"] if penn.CURVE_KEY in entry]
+    curve = [entry for entry in result["log_history"] if CURVE_KEY in entry]
     assert [entry["step"] for entry in curve] == [0, 2, 4]
-    assert curve[-1][penn.CURVE_KEY] == result["alignment_accuracy"]
+    assert curve[-1][CURVE_KEY] == result["alignment_accuracy"]
     rows = [json.loads(line) for line in (output_dir / result["method"] / "eval_generations.jsonl").open()]
     assert [row["completion"] for row in rows if row["step"] == 4] == result["completions"]
 
@@ -52,15 +58,15 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
     args = ["--quick", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path),
             "--lora_target_modules", "q_proj", "v_proj"]
     results = penn.main(parse(args))
-    check_outputs(tmp_path, penn.DEFAULT_METHODS)
+    check_outputs(tmp_path, DEFAULT_METHODS)
     # A rerun with the same settings reuses every finished method; other settings train the methods they change
-    stamps = {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in penn.DEFAULT_METHODS}
+    stamps = {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in DEFAULT_METHODS}
     penn.main(parse(args))
     assert {method: (tmp_path / method / "result.json").stat().st_mtime_ns for method in stamps} == stamps
     penn.main(parse([*args, "--methods", "sft", "dpop", "--dpop_lambda", "7"]))
     assert (tmp_path / "sft" / "result.json").stat().st_mtime_ns == stamps["sft"]
     assert (tmp_path / "dpop" / "result.json").stat().st_mtime_ns != stamps["dpop"]
-    assert json.loads((tmp_path / "dpop" / "result.json").read_text())["provenance"]["settings"]["dpop_lambda"] == 7
+    assert json.loads((tmp_path / "dpop" / "result.json").read_text())["provenance"]["training"]["dpop_lambda"] == 7
     again = penn.main(parse([*args, "--methods", "sft", "--overwrite"]))
     assert (tmp_path / "sft" / "result.json").stat().st_mtime_ns != stamps["sft"]
     # The redone method is deterministic: the same seed trains the same adapter, which samples the same text. (Its
@@ -73,15 +79,15 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
 
 
 def test_every_methods_options_are_checked_before_anything_trains(tmp_path):
-    with pytest.raises(ValueError, match="Unknown `kl_penalty` 'bogus'"):
+    with pytest.raises(ValueError, match=r"kl_sft: argument --kl_penalty.*invalid choice: 'bogus'"):
         penn.main(parse(["--methods", "sft", "kl_sft", "--kl_penalty", "bogus", "--output_dir", str(tmp_path / "out")]))
     assert not (tmp_path / "out").exists()
 
 
 def test_provenance_keys_each_method_on_what_changes_its_result(tmp_path):
     args, data = parse([]), {"train": "t1", "test": "e1"}
-    base = {method: penn.provenance(method, args, data, "m1") for method in ("sft", "dpop")}
-    assert "dpop_lambda" in base["dpop"]["settings"] and "dpop_lambda" not in base["sft"]["settings"]
+    base = {method: provenance(method, args, data, "m1") for method in ("sft", "dpop")}
+    assert base["dpop"]["training"]["dpop_lambda"] == 5 and "dpop_lambda" not in base["sft"]["training"]
     changed = {
         "dpop_lambda": (parse(["--dpop_lambda", "7"]), data, "m1"),
         "learning_rate": (parse(["--learning_rate", "1e-3"]), data, "m1"),
@@ -89,47 +95,47 @@ def test_provenance_keys_each_method_on_what_changes_its_result(tmp_path):
         "train data": (args, {**data, "train": "t2"}, "m1"),
         "model": (args, data, "m2"),
     }
-    affected = {name: [method for method in base if penn.provenance(method, *inputs) != base[method]]
+    affected = {name: [method for method in base if provenance(method, *inputs) != base[method]]
                 for name, inputs in changed.items()}
     assert affected == {"dpop_lambda": ["dpop"], "learning_rate": ["sft", "dpop"], "judge_model": [],
                         "train data": ["sft", "dpop"], "model": ["sft", "dpop"]}
 
     result_file = tmp_path / "result.json"
-    assert penn.reusable_result(result_file, base["dpop"]) == (None, "no stored result")
+    assert reusable_result(result_file, base["dpop"]) == (None, "no stored result")
     result_file.write_text(json.dumps({"alignment_accuracy": 0.5, "provenance": base["dpop"]}))
-    stored, _ = penn.reusable_result(result_file, base["dpop"])
+    stored, _ = reusable_result(result_file, base["dpop"])
     assert stored["alignment_accuracy"] == 0.5
-    stored, why = penn.reusable_result(result_file, penn.provenance("dpop", *changed["dpop_lambda"]))
-    assert stored is None and why == "the stored result came from other settings (settings.dpop_lambda: 5.0 -> 7.0)"
+    stored, why = reusable_result(result_file, provenance("dpop", *changed["dpop_lambda"]))
+    assert stored is None and why == "the stored result came from other settings (training.dpop_lambda: 5.0 -> 7.0)"
 
 
 def test_data_and_model_fingerprints_follow_content(tmp_path):
     from datasets import Dataset
 
     rows = [{"prompt": "a", "chosen": " b", "rejected": " c"}, {"prompt": "d", "chosen": " e", "rejected": " f"}]
-    assert penn.data_fingerprint(Dataset.from_list(rows)) == penn.data_fingerprint(Dataset.from_list(list(rows)))
-    assert penn.data_fingerprint(Dataset.from_list(rows)) != penn.data_fingerprint(Dataset.from_list(rows[::-1]))
+    assert data_fingerprint(Dataset.from_list(rows)) == data_fingerprint(Dataset.from_list(list(rows)))
+    assert data_fingerprint(Dataset.from_list(rows)) != data_fingerprint(Dataset.from_list(rows[::-1]))
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 10)
-    first = penn.model_fingerprint(str(tmp_path))
+    first = model_fingerprint(str(tmp_path))
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 9 + b"\1")  # same size, other weights
-    assert penn.model_fingerprint(str(tmp_path)) != first
+    assert model_fingerprint(str(tmp_path)) != first
 
 
 @pytest.mark.parametrize("successes, trials, interval", [
     (5, 10, (0.2366, 0.7634)), (0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)), (0, 0, (0.0, 1.0)),
 ])
 def test_wilson_interval(successes, trials, interval):
-    assert penn.wilson_interval(successes, trials) == pytest.approx(interval, abs=1e-4)
+    assert wilson_interval(successes, trials) == pytest.approx(interval, abs=1e-4)
 
 
 @pytest.mark.e2e
 def test_quick_run_of_the_other_dpo_losses(tiny_model_dir, tmp_path):
     penn.main(parse(["--quick", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path),
-                     "--lora_target_modules", "q_proj", "v_proj", "--methods", *penn.MORE_DPO_METHODS]))
+                     "--lora_target_modules", "q_proj", "v_proj", "--methods", *MORE_DPO_METHODS]))
     metrics = json.loads((tmp_path / "results.json").read_text())["metrics"]
-    assert list(metrics) == list(penn.MORE_DPO_METHODS)
-    for method in penn.MORE_DPO_METHODS:
+    assert list(metrics) == list(MORE_DPO_METHODS)
+    for method in MORE_DPO_METHODS:
         assert isinstance(metrics[method]["final_chosen_reward"], float), method
         assert (tmp_path / f"rewards_{method}.png").stat().st_size > 0
 
@@ -143,7 +149,7 @@ def test_unknown_method_is_refused():
 @pytest.mark.e2e
 def test_quick_run_on_embedded_model(tmp_path):
     penn.main(parse(["--quick", "--output_dir", str(tmp_path)]))
-    check_outputs(tmp_path, penn.DEFAULT_METHODS)
+    check_outputs(tmp_path, DEFAULT_METHODS)
 
 
 def test_seed_summary_is_mean_and_sample_spread():
@@ -151,13 +157,13 @@ def test_seed_summary_is_mean_and_sample_spread():
                            "distinct_2": 0.4, "fluency_nll": 3.0, "mean_length_words": 10.0}},
                1: {"sft": {"alignment_accuracy": 0.7, "final_chosen_reward": None, "repetition_3gram": 0.1,
                            "distinct_2": 0.6, "fluency_nll": 2.0, "mean_length_words": 12.0}}}
-    summary = penn.aggregate(by_seed)["sft"]
+    summary = aggregate(by_seed)["sft"]
     assert "final_chosen_reward" not in summary
     accuracy = summary["alignment_accuracy"]
     assert accuracy["values"] == [0.5, 0.7]
     assert [accuracy[key] for key in ("mean", "std", "min", "max")] == pytest.approx([0.6, 0.1414214, 0.5, 0.7])
     assert summary["repetition_3gram"]["std"] == 0.0
-    table = penn.seeds_report({"sft": summary}, [0, 1], "settings")
+    table = seeds_report({"sft": summary}, [0, 1], "settings")
     assert "| sft | 0.600 ± 0.141 (0.500 to 0.700) | 0.100 ± 0.000 (0.100 to 0.100) |" in table
 
 
@@ -182,22 +188,13 @@ def test_a_judge_that_cannot_be_reached_is_recorded_not_fatal(monkeypatch):
 
     from trl_ext.scorers import judge_win_rate
 
-    monkeypatch.setattr(penn, "judge_win_rate", functools.partial(judge_win_rate, backoff_seconds=0.01))
+    monkeypatch.setattr(penn_judge, "judge_win_rate", functools.partial(judge_win_rate, backoff_seconds=0.01))
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    args = parse(["--judge_base_url", f"http://127.0.0.1:{port}/v1", "--judge_pairs", "dpop:sft", "base:dpo"])
+    args = parse(["--judge_base_url", f"http://127.0.0.1:{port}/v1", "--judge_pairs", "dpop:sft", "base:dpo"]).args
     results = {method: {"completions": [" at Penn."]} for method in ("sft", "dpop", "base")}
-    judged = penn.judge_pairs(args, ["The sun"], results)
+    judged = penn_judge.judge_pairs(args, ["The sun"], results)
     assert list(judged) == ["dpop:sft"]  # `dpo` did not run
     assert judged["dpop:sft"].startswith(f"not judged: The judge at http://127.0.0.1:{port}/v1/chat/completions did "
                                          "not answer after 4 attempts")
-
-
-
-def test_every_method_names_its_loss_settings():
-    from recipes import penn_results
-
-    assert set(penn_results.LOSS_FIELDS) == set(penn.METHODS)
-    cdpo, sdpo = (set(penn.provenance(method, parse([]), {}, "m")["settings"]) for method in ("cdpo", "sdpo"))
-    assert "label_smoothing" in cdpo - sdpo and "sdpo_stages" in sdpo - cdpo
