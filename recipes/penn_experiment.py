@@ -78,11 +78,16 @@ def train_method(method: str, setup: PennSetup, model_path: str, train_dataset, 
     """Trains `method` from the base model, scoring the alignment accuracy on `curve_prompts` along the way; returns
     the trainer."""
     trainer_cls, config = method_config(method, setup)
+    rows = config.max_steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
+    if 0 < rows * config.world_size < len(train_dataset):  # only the rows the budget reaches: no other is scored
+        train_dataset = train_dataset.shuffle(seed=config.seed).select(range(rows * config.world_size))
     model = setup.model
     peft_config = None if not model.use_peft else LoraConfig(
         r=model.lora_r, lora_alpha=model.lora_alpha, lora_dropout=model.lora_dropout,
         target_modules=model.lora_target_modules, task_type="CAUSAL_LM",
     )
+    transformers.set_seed(config.seed)  # the same adapter initialisation for every method: a fair start, and the
+    # reference log-probs TRL precomputes (keyed on the model's weights) are cached once for all of them
     trainer = trainer_cls(model=model_path, args=config, train_dataset=train_dataset, peft_config=peft_config)
     if curve_prompts:
         trainer.add_callback(curve_callback(trainer, setup.args, curve_prompts, output_dir))

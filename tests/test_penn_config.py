@@ -31,7 +31,7 @@ LOSSES = {
     "sdpo": (trl_ext.DPOTrainer, {"loss_type": ["sigmoid_norm"], "beta": 0.1, "sdpo_stages": 2}),
 }
 BUDGET = {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 5e-4, "lr_scheduler_type": "cosine",
-          "max_length": 64, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0,
+          "max_length": None, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0,
           "gradient_checkpointing": False,
           "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
 
@@ -81,7 +81,7 @@ def test_a_field_goes_where_the_files_set_it_and_a_method_field_to_its_method():
 
 
 def test_the_seeds_configs(tmp_path):
-    for name, model, max_length in (("penn_seed", "embedded:smollm2-135m-instruct", 64), ("penn_gpt2", "gpt2", 96)):
+    for name, model, max_length in (("penn_seed", "embedded:smollm2-135m-instruct", None), ("penn_gpt2", "gpt2", 96)):
         setup = setup_of(["--config", str(ROOT / f"recipes/configs/{name}.yaml")])
         assert (setup.model.model_name_or_path, setup.model.use_peft) == (model, False)
         dpo, dpop = (method_config(method, setup)[1] for method in ("dpo", "dpop"))

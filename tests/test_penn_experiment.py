@@ -78,6 +78,24 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
     assert stored == completions
 
 
+@pytest.mark.e2e
+def test_dpo_family_trains_on_the_rows_its_budget_reaches_and_shares_one_reference_precompute(tiny_model_dir,
+                                                                                             tmp_path):
+    """2 steps x 8 pairs train on 16 of the 32 --quick rows, the same for every method, and every DPO-family method
+    starts from the same adapter, so TRL computes their reference log-probs once and caches them for all."""
+    setup = parse(["--quick", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path), "--max_steps", "2",
+                   "--curve_prompts", "0", "--lora_target_modules", "q_proj", "v_proj"])
+    train = penn.load_splits(setup.args)["train"]
+    trainers = [penn.train_method(method, setup, tiny_model_dir, train, [], tmp_path / method)
+                for method in ("dpo", "dpop", "trl_dpo")]
+    assert {len(trainer.train_dataset) for trainer in trainers} == {16}
+    # TRL keys its cache file on the rows' fingerprint and the model's hash: one file, read by every method
+    cache_files = [{file["filename"] for file in trainer.train_dataset.cache_files} for trainer in trainers]
+    print(cache_files)
+    assert cache_files[0] == cache_files[1] == cache_files[2]
+    assert trainers[0].train_dataset["ref_chosen_logps"] == trainers[2].train_dataset["ref_chosen_logps"]
+
+
 def test_every_methods_options_are_checked_before_anything_trains(tmp_path):
     with pytest.raises(ValueError, match=r"kl_sft: argument --kl_penalty.*invalid choice: 'bogus'"):
         penn.main(parse(["--methods", "sft", "kl_sft", "--kl_penalty", "bogus", "--output_dir", str(tmp_path / "out")]))
