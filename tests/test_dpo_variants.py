@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 import trl
-from transformers import AutoModelForCausalLM
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss
 from trl_ext.citations import DPO as DPO_PAPER
 from trl_ext.dpo import LOSS_STATE_FILE
 from trl_ext.preference_losses import token_kl
+from trl_ext.trl_contract import TRL_DPO_CHOSEN_METRICS
 
 from .conftest import LORA, make_config, step_logs, train
 
@@ -49,6 +51,48 @@ def test_npo_lowers_the_rejected_likelihood(tiny_model_dir, preference_dataset, 
     assert logs[0]["loss"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)  # rho = 0: (2 / beta) log 2
     assert logs[-1]["rewards/rejected"] < -0.1
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_npo_trains_without_chosen_and_ignores_it(tiny_model_dir, preference_dataset, tmp_path):
+    """Without `chosen` (an empty placeholder then), NPO's losses are those on the same rejected completions with any
+    chosen ones, and no metric of the chosen completions is logged."""
+    with_chosen = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "chosen",
+                                  loss_type="npo", learning_rate=5e-3, max_steps=3))
+    without = preference_dataset.remove_columns("chosen")
+    logs = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, without, tmp_path / "rejected_only",
+                           loss_type="npo", learning_rate=5e-3, max_steps=3))
+    assert [log["loss"] for log in logs] == pytest.approx([log["loss"] for log in with_chosen], abs=1e-5)
+    assert [log["rewards/rejected"] for log in logs] == pytest.approx(
+        [log["rewards/rejected"] for log in with_chosen], abs=1e-6)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert not set(TRL_DPO_CHOSEN_METRICS) & {key for log in logs for key in log}
+    assert set(TRL_DPO_CHOSEN_METRICS) <= set(with_chosen[0])
+
+    conversational = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": text}] for text in without["prompt"]],
+        "rejected": [[{"role": "assistant", "content": text}] for text in without["rejected"]],
+    })
+    trainer = DPOTrainer(model=tiny_model_dir, train_dataset=conversational,
+                         args=make_config(DPOConfig, tmp_path / "conversational", loss_type="npo", max_steps=1),
+                         processing_class=_with_chat_template(tiny_model_dir))
+    trainer.train()
+    assert step_logs(trainer)[0]["loss"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)
+
+
+def test_dataset_without_chosen_is_refused_for_losses_that_read_it(tiny_model_dir, preference_dataset, tmp_path):
+    without = preference_dataset.remove_columns("chosen")
+    for config_cls, loss_type in ((DPOConfig, ["npo", "sigmoid"]), (DPOConfig, "rdpo"), (trl.DPOConfig, "sigmoid")):
+        with pytest.raises(ValueError, match=r"train dataset has no `chosen` column, which `loss_type` "
+                                             r"\[.*\] reads. Add `chosen` completions, or train only .*'npo'"):
+            DPOTrainer(model=tiny_model_dir, train_dataset=without,
+                       args=make_config(config_cls, tmp_path, loss_type=loss_type))
+
+
+def _with_chat_template(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    return tokenizer
 
 
 BETA_DPO = dict(loss_type="beta_dpo", beta_dpo_alpha=1.0, beta_dpo_filter_ratio=0.25)

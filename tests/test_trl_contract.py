@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from trl_ext import trl_contract
 from trl_ext.trl_contract import (
     PRIVATE_METHODS,
+    TRL_DPO_CHOSEN_METRICS,
     TRL_DPO_LOSS_TYPES,
     TRL_SFT_LOSS_TYPES,
     ExpectedForward,
@@ -215,6 +216,14 @@ def test_trl_logs_the_mean_of_each_metric_list(tiny_model_dir, preference_datase
     trainer.log({"loss": 0.5})
     assert trainer.state.log_history[-1]["custom/value"] == pytest.approx(3.0)
     assert not trainer._metrics["train"]  # cleared after logging
+
+
+def test_trl_dpo_logs_the_metrics_of_the_chosen_completions(tiny_model_dir, preference_dataset, tmp_path):
+    """The metrics trl_ext drops when the chosen completion is its placeholder are TRL's names for them."""
+    trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path, max_steps=1))
+    trainer.train()
+    assert set(TRL_DPO_CHOSEN_METRICS) <= set(trainer.state.log_history[0])
 
 
 def _fused(shape, requires_grad=False):

@@ -48,6 +48,10 @@ TRL_DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
+# The metrics `trl.DPOTrainer._compute_loss` logs from the chosen completions (`entropy` from both): meaningless when
+# the chosen completion is trl_ext's empty placeholder, so they are dropped then.
+TRL_DPO_CHOSEN_METRICS = ("entropy", "logits/chosen", "mean_token_accuracy", "rewards/chosen", "rewards/accuracies",
+                          "rewards/margins", "logps/chosen")
 # `trl.SFTConfig.loss_type`'s argparse choices (`chunked_nll` is a deprecated alias TRL maps to `nll`)
 TRL_SFT_LOSS_CHOICES = tuple(trl.SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
 TRL_SFT_LOSS_TYPES = ("nll", "dft")
