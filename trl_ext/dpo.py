@@ -65,7 +65,8 @@ class DPOConfig(trl.DPOConfig):
             TDPO2's weight of the sequential-KL difference (the authors' code: 0.5), >= 0.
         sdpo_stages (`int`, *optional*, defaults to `1`):
             sDPO: split training into this many equal stages of optimizer steps; at each stage boundary the current
-            policy becomes the reference. Works with any `loss_type`; `1` is plain training.
+            policy becomes the reference (with `precompute_ref_log_probs`, its log-probs are precomputed again).
+            Works with any `loss_type`; `1` is plain training.
     """
 
     dpop_lambda: float = field(
@@ -192,6 +193,8 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
 
     # Set when a dataset without `chosen` got the placeholder: no metric of the chosen completions is logged then
     chosen_is_placeholder = False
+    # sDPO with precomputed reference log-probs: those of the current stage's reference, set at each boundary
+    stage_reference_logps = None
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if _check_preference_columns(dataset, dataset_name, args):
@@ -201,6 +204,8 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _compute_loss(self, model, inputs, return_outputs):
+        if self.stage_reference_logps is not None:
+            inputs = sdpo.with_stage_reference_logps(inputs, self.stage_reference_logps, self.model.training)
         result = self._compute_losses(model, inputs, return_outputs)
         if self.chosen_is_placeholder:
             mode = "train" if self.model.training else "eval"
