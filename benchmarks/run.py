@@ -47,6 +47,10 @@ CONTENDERS = {
         "rdpo": ("trl_ext", {"loss_type": "rdpo"}),
         "beta_dpo": ("trl_ext", {"loss_type": "beta_dpo"}),
         "npo": ("trl_ext", {"loss_type": "npo"}),
+        "tdpo1": ("trl_ext", {"loss_type": "tdpo1"}),
+        "tdpo2": ("trl_ext", {"loss_type": "tdpo2"}),
+        # A step between stage boundaries (the benchmark's steps never reach one)
+        "sdpo": ("trl_ext", {"loss_type": "sigmoid", "sdpo_stages": 2}),
     },
     "sft": {
         "trl nll": ("trl", {"loss_type": "nll"}),
@@ -57,6 +61,8 @@ CONTENDERS = {
         "ift soft": ("trl_ext", {"loss_type": "ift", "ift_prediction": "soft"}),
     },
 }
+# Setups a contender refuses: TDPO needs the reference's forward, which precomputed log-probs leave out
+REFUSED_SETUPS = {"tdpo1": ("precomputed",), "tdpo2": ("precomputed",)}
 # Reference setups: `peft` = LoRA, reference = adapter disabled; `ref_model` = full fine-tuning against a frozen
 # copy; `precomputed` = LoRA with reference log-probs computed before training.
 SETUPS = {"dpo": ("peft", "ref_model", "precomputed"), "sft": ("peft",)}
@@ -72,6 +78,11 @@ TARGETS = {
 }
 WORDS = ("the students walked across campus toward the old library while the river ran quietly under bridges "
          "and autumn leaves covered every path near the museum").split()
+
+
+def contenders(family: str, setup: str) -> list[str]:
+    """The family's contenders that run in `setup`, the baseline first."""
+    return [name for name in CONTENDERS[family] if setup not in REFUSED_SETUPS.get(name, ())]
 
 
 def synthetic_rows(num_rows: int, seq_len: int) -> dict[str, list[str]]:
@@ -187,13 +198,14 @@ def flop_ratios(steps: Iterable[tuple[str, Callable]]) -> dict[str, dict]:
 
 
 def contender_steps(family, model, seq_len, setup, args) -> dict:
-    return {name: make_step(build_trainer(family, name, model, seq_len, setup, args)) for name in CONTENDERS[family]}
+    return {name: make_step(build_trainer(family, name, model, seq_len, setup, args))
+            for name in contenders(family, setup)}
 
 
 def flops_worker(family, model, seq_len, setup, args) -> dict:
     # One contender in memory at a time: the `ref_model` setup holds a model, its reference and Adam state each
     return flop_ratios((name, make_step(build_trainer(family, name, model, seq_len, setup, args)))
-                       for name in CONTENDERS[family])
+                       for name in contenders(family, setup))
 
 
 def time_worker(family, model, seq_len, setup, args) -> dict:
@@ -317,14 +329,14 @@ def main(args) -> list[dict]:
                     else:
                         measured = run_worker(["--worker=time", *where, *common])
                         with ThreadPoolExecutor(args.memory_jobs) as pool:
-                            peaks = dict(zip(CONTENDERS[family], pool.map(
+                            peaks = dict(zip(contenders(family, setup), pool.map(
                                 lambda name: run_worker(["--worker=memory", f"--contender={name}", *where, *common]),
-                                CONTENDERS[family],
+                                contenders(family, setup),
                             )))
-                        baseline = next(iter(CONTENDERS[family]))
-                        for name in CONTENDERS[family]:
+                        baseline = contenders(family, setup)[0]
+                        for name in contenders(family, setup):
                             measured[name].update(peak_mib=peaks[name], memory_ratio=peaks[name] / peaks[baseline])
-                    for name in CONTENDERS[family]:
+                    for name in contenders(family, setup):
                         row = {"family": family, "model": model, "seq_len": seq_len, "setup": setup, "contender": name,
                                **measured[name]}
                         row["target"] = target_verdict(row)

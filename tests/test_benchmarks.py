@@ -21,7 +21,7 @@ def test_benchmark_smoke_run_writes_complete_results(tmp_path):
     assert [(row["family"], row["contender"]) for row in rows] == [
         ("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "trl_ext sigmoid"), ("dpo", "dpop"),
         ("dpo", "dpop_norm"), ("dpo", "cdpo"), ("dpo", "rdpo"), ("dpo", "beta_dpo"), ("dpo", "npo"),
-        ("sft", "trl nll"), ("sft", "trl nll A/A"), ("sft", "kl_sft"),
+        ("dpo", "tdpo1"), ("dpo", "tdpo2"), ("dpo", "sdpo"), ("sft", "trl nll"), ("sft", "trl nll A/A"), ("sft", "kl_sft"),
         ("sft", "kl_sft precomputed"), ("sft", "ift greedy"), ("sft", "ift soft"),
     ]
     for row in rows:
@@ -30,7 +30,7 @@ def test_benchmark_smoke_run_writes_complete_results(tmp_path):
     assert rows[0]["step_ratio"] == rows[0]["memory_ratio"] == 1.0  # the baseline divides by itself
     table = (tmp_path / "results.md").read_text().splitlines()
     assert table[2].startswith("| family | model | seq | setup | contender | GFLOP/step | FLOP ratio | step s |")
-    assert len([line for line in table if line.startswith("| dpo") or line.startswith("| sft")]) == 15
+    assert len([line for line in table if line.startswith("| dpo") or line.startswith("| sft")]) == 18
 
 
 @pytest.mark.e2e
@@ -39,11 +39,13 @@ def test_flops_only_run_counts_without_timing(tmp_path):
                     "tiny", "--seq_lens", "128", "--setups", "peft", "--output_dir", str(tmp_path), "--cache",
                     str(tmp_path / "cache")], check=True, capture_output=True, cwd=ROOT)
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
-    contenders = len(load_benchmark().CONTENDERS["dpo"])
-    assert [row["flop_ratio"] for row in rows] == [1.0] * contenders and all(row["flops"] > 0 for row in rows)
+    contenders = load_benchmark().CONTENDERS["dpo"]
+    assert [row["contender"] for row in rows] == list(contenders) and all(row["flops"] > 0 for row in rows)
+    assert {row["flop_ratio"] for row in rows if not row["contender"].startswith("tdpo")} == {1.0}
     assert not {"step_s", "step_ratio", "peak_mib", "memory_ratio"} & {key for row in rows for key in row}
     table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| dpo")]
-    assert len(table) == contenders and all(line.endswith("| 1.000 | - | - | - | - |  |") for line in table)
+    assert len(table) == len(contenders)
+    assert all(line.endswith("| 1.000 | - | - | - | - |  |") for line in table if "| tdpo" not in line)
 
 
 def load_benchmark(name: str = "run"):
@@ -58,12 +60,28 @@ def test_flops_of_a_step_against_trl(tmp_path, family, setup):
     """Exact counts: a change that adds a forward to a trl_ext loss fails here instead of hiding in timing noise."""
     benchmark = load_benchmark()
     args = benchmark.parse_args(["--smoke", "--cache", str(tmp_path)])
-    steps = {name: benchmark.make_step(benchmark.build_trainer(family, name, "tiny", 128, setup, args))
-             for name in benchmark.CONTENDERS[family]}
-    ratios = {name: row["flop_ratio"] for name, row in benchmark.flop_ratios(steps.items()).items()}
-    if family == "dpo":  # the same two forwards TRL runs (one with precomputed reference log-probs), nothing more
-        assert ratios == {"trl sigmoid": 1.0, "trl sigmoid A/A": 1.0, "trl_ext sigmoid": 1.0, "dpop": 1.0,
-                          "dpop_norm": 1.0, "cdpo": 1.0, "rdpo": 1.0, "beta_dpo": 1.0, "npo": 1.0}
+    trainers = {name: benchmark.build_trainer(family, name, "tiny", 128, setup, args)
+                for name in benchmark.contenders(family, setup)}
+    flops = benchmark.flop_ratios((name, benchmark.make_step(trainer)) for name, trainer in trainers.items())
+    ratios = {name: row["flop_ratio"] for name, row in flops.items()}
+    if family == "dpo":
+        # TDPO: each model's LM head once more at the N completion positions, 2 N H V FLOPs each, both rerun in the
+        # backward pass (the chunk's activation checkpointing), plus the gradient of the policy's hidden states (the
+        # frozen head gets no weight gradient under LoRA): 5 x 2 N H V. TDPO refuses precomputed log-probs.
+        config, batch = trainers["trl sigmoid"].model.config, next(iter(trainers["trl sigmoid"].get_train_dataloader()))
+        positions = int(batch["completion_mask"][:, 1:].sum())
+        tdpo = {name: flops.pop(name)["flops"] - flops["trl sigmoid"]["flops"] for name in ("tdpo1", "tdpo2")
+                if name in flops}
+        assert tdpo == ({} if setup == "precomputed" else {
+            "tdpo1": 10 * positions * config.hidden_size * config.vocab_size,
+            "tdpo2": 10 * positions * config.hidden_size * config.vocab_size})
+        if setup == "peft":
+            assert round(ratios["tdpo1"], 3) == round(ratios["tdpo2"], 3) == 1.205  # 192 positions, H 32, V 320
+        # The rest run the same two forwards TRL runs (one with precomputed reference log-probs), nothing more; sDPO
+        # between stage boundaries too
+        assert {name: row["flop_ratio"] for name, row in flops.items()} == {
+            "trl sigmoid": 1.0, "trl sigmoid A/A": 1.0, "trl_ext sigmoid": 1.0, "dpop": 1.0, "dpop_norm": 1.0,
+            "cdpo": 1.0, "rdpo": 1.0, "beta_dpo": 1.0, "npo": 1.0, "sdpo": 1.0}
         return
     assert ratios["trl nll A/A"] == ratios["kl_sft precomputed"] == 1.0  # no reference forward while training
     # One extra forward without gradient: a third of a forward + backward (IFT's first pass skips the prompt's LM head)

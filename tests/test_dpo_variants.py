@@ -7,12 +7,14 @@ import os
 import pytest
 import torch
 import trl
-from transformers import AutoModelForCausalLM
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss
+from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss, sdpo
 from trl_ext.citations import DPO as DPO_PAPER
 from trl_ext.dpo import LOSS_STATE_FILE
 from trl_ext.preference_losses import token_kl
+from trl_ext.trl_contract import TRL_DPO_CHOSEN_METRICS
 
 from .conftest import LORA, make_config, step_logs, train
 
@@ -49,6 +51,48 @@ def test_npo_lowers_the_rejected_likelihood(tiny_model_dir, preference_dataset, 
     assert logs[0]["loss"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)  # rho = 0: (2 / beta) log 2
     assert logs[-1]["rewards/rejected"] < -0.1
     assert logs[-1]["loss"] < logs[0]["loss"]
+
+
+def test_npo_trains_without_chosen_and_ignores_it(tiny_model_dir, preference_dataset, tmp_path):
+    """Without `chosen` (an empty placeholder then), NPO's losses are those on the same rejected completions with any
+    chosen ones, and no metric of the chosen completions is logged."""
+    with_chosen = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "chosen",
+                                  loss_type="npo", learning_rate=5e-3, max_steps=3))
+    without = preference_dataset.remove_columns("chosen")
+    logs = step_logs(train(DPOTrainer, DPOConfig, tiny_model_dir, without, tmp_path / "rejected_only",
+                           loss_type="npo", learning_rate=5e-3, max_steps=3))
+    assert [log["loss"] for log in logs] == pytest.approx([log["loss"] for log in with_chosen], abs=1e-5)
+    assert [log["rewards/rejected"] for log in logs] == pytest.approx(
+        [log["rewards/rejected"] for log in with_chosen], abs=1e-6)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert not set(TRL_DPO_CHOSEN_METRICS) & {key for log in logs for key in log}
+    assert set(TRL_DPO_CHOSEN_METRICS) <= set(with_chosen[0])
+
+    conversational = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": text}] for text in without["prompt"]],
+        "rejected": [[{"role": "assistant", "content": text}] for text in without["rejected"]],
+    })
+    trainer = DPOTrainer(model=tiny_model_dir, train_dataset=conversational,
+                         args=make_config(DPOConfig, tmp_path / "conversational", loss_type="npo", max_steps=1),
+                         processing_class=_with_chat_template(tiny_model_dir))
+    trainer.train()
+    assert step_logs(trainer)[0]["loss"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)
+
+
+def test_dataset_without_chosen_is_refused_for_losses_that_read_it(tiny_model_dir, preference_dataset, tmp_path):
+    without = preference_dataset.remove_columns("chosen")
+    for config_cls, loss_type in ((DPOConfig, ["npo", "sigmoid"]), (DPOConfig, "rdpo"), (trl.DPOConfig, "sigmoid")):
+        with pytest.raises(ValueError, match=r"train dataset has no `chosen` column, which `loss_type` "
+                                             r"\[.*\] reads. Add `chosen` completions, or train only .*'npo'"):
+            DPOTrainer(model=tiny_model_dir, train_dataset=without,
+                       args=make_config(config_cls, tmp_path, loss_type=loss_type))
+
+
+def _with_chat_template(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    return tokenizer
 
 
 BETA_DPO = dict(loss_type="beta_dpo", beta_dpo_alpha=1.0, beta_dpo_filter_ratio=0.25)
@@ -168,14 +212,54 @@ def test_sdpo_policy_becomes_the_reference_at_each_stage(tiny_model_dir, prefere
     assert margins[1] > 0 and margins[3] > 0
 
 
+@pytest.mark.parametrize("peft", [False, True], ids=["full_fine_tuning", "peft"])
+def test_sdpo_with_precomputed_reference_trains_as_on_the_fly(tiny_model_dir, preference_dataset, tmp_path, peft):
+    """The reference log-probs recomputed at the boundary are the stage-1-end policy's, computed here from its full
+    logits; training and evaluation then match sDPO with the reference run on the fly."""
+    trainer_kwargs = {"eval_dataset": preference_dataset, **({"peft_config": LORA} if peft else {})}
+    fields = dict(loss_type="sigmoid", sdpo_stages=2, max_steps=4, learning_rate=5e-3, eval_strategy="steps",
+                  eval_steps=4)
+    boundary = {}
+
+    class RecordBoundaryPolicy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:  # after the stage boundary's recompute
+                trainer = self.trainer
+                batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+                with torch.no_grad():
+                    boundary["expected"] = _sequence_logps(trainer.model, batch)
+                boundary["recomputed"] = [trainer.stage_reference_logps[key] for key in sdpo.pair_keys(batch)]
+
+    precomputed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(DPOConfig, tmp_path / "precomputed", precompute_ref_log_probs=True,
+                                              **fields), **trainer_kwargs)
+    recorder = RecordBoundaryPolicy()
+    recorder.trainer = precomputed
+    precomputed.add_callback(recorder)
+    precomputed.train()
+    expected = torch.stack(boundary["expected"], dim=1)
+    torch.testing.assert_close(torch.tensor(boundary["recomputed"]), expected, atol=1e-4, rtol=1e-5)
+    on_the_fly = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "on_the_fly",
+                       trainer_kwargs, **fields)
+    for ours, theirs in zip(precomputed.state.log_history, on_the_fly.state.log_history, strict=True):
+        for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/margins"):
+            assert ours.get(key) == pytest.approx(theirs.get(key), abs=1e-5)
+    margins = [log["rewards/margins"] for log in step_logs(precomputed)]
+    assert margins[2] == pytest.approx(0.0, abs=1e-5) and margins[3] > 0  # stage 2 starts from its own reference
+
+
+def _sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of the completion tokens of `[chosen; rejected]` rows, from the model's full logits."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    token_logps = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (token_logps * batch["completion_mask"][:, 1:]).sum(1).chunk(2)
+
+
 def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"`sdpo_stages` must be an integer >= 1, got 0"):
         make_config(DPOConfig, tmp_path, sdpo_stages=0)
     with pytest.raises(ValueError, match=r"`sdpo_stages=2` makes the policy the reference .* Set `sync_ref_model=False`"):
         make_config(DPOConfig, tmp_path, sdpo_stages=2, sync_ref_model=True)
-    with pytest.raises(ValueError, match=r"`sdpo_stages=2` replaces the reference .* `precompute_ref_log_probs=True`"):
-        DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
-                   args=make_config(DPOConfig, tmp_path, sdpo_stages=2, precompute_ref_log_probs=True))
     trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "first", sdpo_stages=3,
                     max_steps=3, save_strategy="steps", save_steps=2)
     resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,

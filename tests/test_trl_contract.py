@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 from trl_ext import trl_contract
 from trl_ext.trl_contract import (
     PRIVATE_METHODS,
+    TRL_DPO_CHOSEN_METRICS,
     TRL_DPO_LOSS_TYPES,
     TRL_SFT_LOSS_TYPES,
     ExpectedForward,
@@ -28,6 +29,7 @@ from trl_ext.trl_contract import (
     add_fused_lm_head,
     check_recorded_forwards,
     create_reference_model,
+    hash_module,
     print_trl_env,
     record_fused_outputs,
     unwrap_model_for_generation,
@@ -215,6 +217,35 @@ def test_trl_logs_the_mean_of_each_metric_list(tiny_model_dir, preference_datase
     trainer.log({"loss": 0.5})
     assert trainer.state.log_history[-1]["custom/value"] == pytest.approx(3.0)
     assert not trainer._metrics["train"]  # cleared after logging
+
+
+def test_trl_dpo_logs_the_metrics_of_the_chosen_completions(tiny_model_dir, preference_dataset, tmp_path):
+    """The metrics trl_ext drops when the chosen completion is its placeholder are TRL's names for them."""
+    trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path, max_steps=1))
+    trainer.train()
+    assert set(TRL_DPO_CHOSEN_METRICS) <= set(trainer.state.log_history[0])
+
+
+def test_precomputed_reference_cache_is_keyed_by_the_model_hash(tiny_model_dir, preference_dataset, tmp_path):
+    """sDPO precomputes again through `_precompute_ref_logps` after setting `_precompute_model_hash` to the new
+    reference's `hash_module`: TRL's cache of the values is reused for the same hash, whatever the weights, and not
+    for another."""
+    trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
+                             args=make_config(trl.DPOConfig, tmp_path, precompute_ref_log_probs=True))
+    assert trainer._precompute_model_hash == hash_module(trainer.model)
+    dataset = trainer.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    before = trainer._precompute_ref_logps(dataset, "train", 4)["ref_chosen_logps"]
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            parameter.mul_(1.1)
+    assert trainer._precompute_ref_logps(dataset, "train", 4)["ref_chosen_logps"] == before  # stale: same hash
+    trainer._precompute_model_hash = hash_module(trainer.model)
+    recomputed = trainer._precompute_ref_logps(dataset, "train", 4)
+    batch = trainer.data_collator([recomputed[i] for i in range(4)])
+    expected, _ = trainer.compute_ref_log_probs(trainer.model, batch)
+    assert recomputed["ref_chosen_logps"][:4] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert recomputed["ref_chosen_logps"][:4] != pytest.approx(before[:4], abs=1e-3)
 
 
 def _fused(shape, requires_grad=False):

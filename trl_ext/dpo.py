@@ -20,6 +20,7 @@ from .dpo_losses import (
 )
 from .embedded import resolve_model_and_args
 from .trl_contract import (
+    TRL_DPO_CHOSEN_METRICS,
     TRL_DPO_LOSS_TYPES,
     ExpectedForward,
     FusedCausalLMOutput,
@@ -64,7 +65,8 @@ class DPOConfig(trl.DPOConfig):
             TDPO2's weight of the sequential-KL difference (the authors' code: 0.5), >= 0.
         sdpo_stages (`int`, *optional*, defaults to `1`):
             sDPO: split training into this many equal stages of optimizer steps; at each stage boundary the current
-            policy becomes the reference. Works with any `loss_type`; `1` is plain training.
+            policy becomes the reference (with `precompute_ref_log_probs`, its log-probs are precomputed again).
+            Works with any `loss_type`; `1` is plain training.
     """
 
     dpop_lambda: float = field(
@@ -189,12 +191,29 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
             sdpo.check_stages_can_run(self)
             self.add_callback(sdpo.StagewiseReference(self))
 
+    # Set when a dataset without `chosen` got the placeholder: no metric of the chosen completions is logged then
+    chosen_is_placeholder = False
+    # sDPO with precomputed reference log-probs: those of the current stage's reference, set at each boundary
+    stage_reference_logps = None
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        _check_preference_columns(dataset, dataset_name)
+        if _check_preference_columns(dataset, dataset_name, args):
+            dataset = dataset.map(_placeholder_chosen)
+            self.chosen_is_placeholder = True
         warn_if_words_glue(dataset, dataset_name)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _compute_loss(self, model, inputs, return_outputs):
+        if self.stage_reference_logps is not None:
+            inputs = sdpo.with_stage_reference_logps(inputs, self.stage_reference_logps, self.model.training)
+        result = self._compute_losses(model, inputs, return_outputs)
+        if self.chosen_is_placeholder:
+            mode = "train" if self.model.training else "eval"
+            for key in TRL_DPO_CHOSEN_METRICS:
+                self._metrics[mode].pop(key, None)
+        return result
+
+    def _compute_losses(self, model, inputs, return_outputs):
         if not self.extension_losses:
             return super()._compute_loss(model, inputs, return_outputs)
 
@@ -290,15 +309,34 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
         return [paper for paper in papers if paper is not None]
 
 
-def _check_preference_columns(dataset, dataset_name: str) -> None:
-    """Fails before training if `dataset` has neither `chosen`/`rejected` texts nor TRL's tokenized columns."""
+def _check_preference_columns(dataset, dataset_name: str, args) -> bool:
+    """Fails before training if `dataset` lacks the columns the losses read; True if it has `prompt` and `rejected`
+    but no `chosen`, which only losses registered with `rejected_only=True` accept (the chosen one is a placeholder)."""
     if not isinstance(dataset, Dataset | IterableDataset) or dataset.column_names is None:
-        return  # streaming datasets with unknown columns are checked by TRL when the first batch is built
+        return False  # streaming datasets with unknown columns are checked by TRL when the first batch is built
     columns = set(dataset.column_names)
     if {"chosen", "rejected"} <= columns or {"chosen_ids", "rejected_ids"} <= columns:
-        return
+        return False
+    if {"prompt", "rejected"} <= columns:
+        loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
+        reading_chosen = [name for name in loss_types
+                          if name not in registered_dpo_losses() or not registered_dpo_loss(name).rejected_only]
+        if not reading_chosen:
+            return True
+        rejected_only = [name for name in registered_dpo_losses() if registered_dpo_loss(name).rejected_only]
+        raise ValueError(
+            f"The {dataset_name} dataset has no `chosen` column, which `loss_type` {reading_chosen} reads. Add "
+            f"`chosen` completions, or train only losses that read the rejected completion alone ({rejected_only})."
+        )
     raise ValueError(
         f"The {dataset_name} dataset needs `chosen` and `rejected` columns (and optionally `prompt`), TRL's "
         f"preference format; it has {sorted(columns)}. Rename or map your columns, e.g. "
         "`dataset.rename_columns({'response_j': 'chosen', 'response_k': 'rejected'})`."
     )
+
+
+def _placeholder_chosen(example: dict) -> dict:
+    """An empty chosen completion, in the rejected one's format: TRL tokenizes it to the EOS token (or the chat
+    template's empty assistant turn)."""
+    conversational = isinstance(example["rejected"], list)
+    return {"chosen": [{"role": "assistant", "content": ""}] if conversational else ""}

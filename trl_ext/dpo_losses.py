@@ -123,6 +123,7 @@ class RegisteredLoss:
     stateful: bool = False
     validate: Callable[["DPOConfig"], None] | None = None  # noqa: F821
     vocabulary_kl: bool = False
+    rejected_only: bool = False
 
 
 _REGISTRY = LossRegistry("DPO", TRL_DPO_LOSS_TYPES)
@@ -130,7 +131,7 @@ _REGISTRY = LossRegistry("DPO", TRL_DPO_LOSS_TYPES)
 
 def register_dpo_loss(
     name: str, *, citation: Citation | None = None, token_logps: bool = False, stateful: bool = False,
-    validate: Callable | None = None, vocabulary_kl: bool = False,
+    validate: Callable | None = None, vocabulary_kl: bool = False, rejected_only: bool = False,
 ) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
     """Decorator that makes `name` a valid `DPOConfig.loss_type` computed by the decorated function.
 
@@ -150,9 +151,11 @@ def register_dpo_loss(
         vocabulary_kl: the loss reads `chosen_token_kl` / `rejected_token_kl`, the per-position KL over the
             vocabulary, which the trainer computes from both models' last hidden states, a chunk of positions at a
             time (an extra LM-head pass for each model); implies `token_logps`.
+        rejected_only: the loss reads only the rejected completions, so it also trains on datasets without `chosen`
+            (the trainer then fills in an empty placeholder and logs no metric of the chosen completions).
     """
     return _REGISTRY.decorator(name, lambda fn: RegisteredLoss(fn, citation, token_logps or vocabulary_kl, stateful,
-                                                               validate, vocabulary_kl))
+                                                               validate, vocabulary_kl, rejected_only))
 
 
 def registered_dpo_losses() -> tuple[str, ...]:

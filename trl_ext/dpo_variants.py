@@ -42,9 +42,9 @@ def _check_npo_beta(config) -> None:
         raise ValueError(f"`beta` must be > 0 for `npo` (it divides the loss), got {config.beta}.")
 
 
-@register_dpo_loss("npo", citation=citations.NPO, validate=_check_npo_beta)
+@register_dpo_loss("npo", citation=citations.NPO, validate=_check_npo_beta, rejected_only=True)
 def npo(batch: PreferenceLogps, config) -> torch.Tensor:
-    """NPO on the rejected completion of each pair (the chosen one is not used)."""
+    """NPO on the rejected completion of each pair (the chosen one is not used, and may be missing from the data)."""
     return npo_loss(batch.rejected_logratios, config.beta)
 
 

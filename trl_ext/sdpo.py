@@ -7,12 +7,26 @@ stage boundary the current policy becomes the reference: a PEFT policy's adapter
 adapter TRL's reference forward uses; a separate reference model (the `ref_model` passed, or TRL's frozen copy under
 full fine-tuning) is overwritten with the policy's weights. Any DPO-family `loss_type` works; one stage is plain
 training.
+
+With `precompute_ref_log_probs=True`, TRL's precompute runs again at each boundary, with the new reference (the
+policy itself under full fine-tuning), over the train and eval datasets. The train dataloader was built for the
+epoch, and prefetches, so the new values cannot reach it through the dataset: the trainer replaces the batch's
+`ref_chosen_logps` / `ref_rejected_logps` by the recomputed values of the same pairs, found by content
+(`pair_keys`): the reference log-probs are a function of the token ids and the completion mask alone.
 """
 
+import hashlib
+
+import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
 from .sft_reference import keep_starting_adapter_as_reference
+from .trl_contract import TRLContractError, hash_module
+
+REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
+# Pairs collated at once to key the recomputed values
+KEY_BATCH = 256
 
 
 def stage_boundaries(max_steps: int, stages: int) -> list[int]:
@@ -23,11 +37,6 @@ def stage_boundaries(max_steps: int, stages: int) -> list[int]:
 def check_stages_can_run(trainer) -> None:
     """Refuses, before training, the setups whose reference trl_ext cannot replace by the policy."""
     stages = trainer.args.sdpo_stages
-    if trainer.precompute_ref_logps:
-        raise ValueError(
-            f"`sdpo_stages={stages}` replaces the reference at each stage, but `precompute_ref_log_probs=True` fixes "
-            "the reference log-probs before training: set it to False."
-        )
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         raise ValueError(f"`sdpo_stages={stages}` is not supported under FSDP or DeepSpeed, whose sharded weights it "
                          "cannot copy into the reference: use DDP.")
@@ -39,10 +48,74 @@ def check_stages_can_run(trainer) -> None:
 def use_policy_as_reference(trainer) -> None:
     """Makes the reference of the following steps the policy as it is now."""
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.ref_model is None:
-        keep_starting_adapter_as_reference(policy)
-    else:
+    if trainer.ref_model is not None:
         trainer.accelerator.unwrap_model(trainer.ref_model).load_state_dict(policy.state_dict())
+    elif is_peft_model(policy):
+        keep_starting_adapter_as_reference(policy)
+    # else: precomputed reference log-probs under full fine-tuning, which TRL computes with the policy itself
+    if trainer.precompute_ref_logps:
+        trainer.stage_reference_logps = recompute_reference_logps(trainer)
+
+
+def recompute_reference_logps(trainer) -> dict[bytes, tuple[float, float]]:
+    """The reference log-probs `(chosen, rejected)` of every pair of the train and eval datasets under the reference
+    as it is now, by `pair_keys`, computed by TRL's `_precompute_ref_logps`."""
+    # TRL caches the values on disk under the hash of the dataset and of the reference's weights taken at init: hash
+    # the new reference, so a cache is reused only for these very weights (and `evaluate()` precomputes against them).
+    reference = trainer.ref_model or trainer.model
+    trainer._precompute_model_hash = hash_module(trainer.accelerator.unwrap_model(reference))
+    args = trainer.args
+    datasets = [("train", trainer.train_dataset, args.precompute_ref_batch_size or args.per_device_train_batch_size)]
+    eval_datasets = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
+    datasets += [(name, dataset, args.precompute_ref_batch_size or args.per_device_eval_batch_size)
+                 for name, dataset in eval_datasets.items() if dataset is not None]
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    training = policy.training
+    policy.eval()  # as at init: no dropout in the reference's log-probs
+    try:
+        recomputed = [trainer._precompute_ref_logps(dataset.remove_columns(REFERENCE_COLUMNS), name, batch_size)
+                      for name, dataset, batch_size in datasets]
+    finally:
+        policy.train(training)
+    lookup = {}
+    for dataset in recomputed:
+        for chunk in dataset.iter(batch_size=KEY_BATCH):
+            examples = [dict(zip(chunk, values, strict=True)) for values in zip(*chunk.values(), strict=True)]
+            batch = trainer.data_collator(examples)
+            values = zip(chunk["ref_chosen_logps"], chunk["ref_rejected_logps"], strict=True)
+            lookup.update(zip(pair_keys(batch), values, strict=True))
+    return lookup
+
+
+def pair_keys(batch: dict) -> list[bytes]:
+    """A digest per pair of a collated batch (rows `[chosen; rejected]`) of what its reference log-probs depend on:
+    each row's tokens and completion mask, padding stripped."""
+    attention_mask = batch["attention_mask"].bool().cpu()
+    rows = [torch.cat([ids[mask], completion[mask]]) for ids, completion, mask in
+            zip(batch["input_ids"].cpu(), batch["completion_mask"].cpu(), attention_mask, strict=True)]
+    pairs = len(rows) // 2
+    return [hashlib.sha1(b"".join(_bytes(row) for row in (chosen, rejected))).digest()
+            for chosen, rejected in zip(rows[:pairs], rows[pairs:], strict=True)]
+
+
+def _bytes(row: torch.Tensor) -> bytes:
+    return len(row).to_bytes(8, "little") + row.to(torch.int64).numpy().tobytes()
+
+
+def with_stage_reference_logps(inputs: dict, lookup: dict[bytes, tuple[float, float]], training: bool) -> dict:
+    """`inputs` with the reference log-probs recomputed at the last stage boundary. A pair missing from them is an
+    error in training; in evaluation it comes from a dataset passed to `evaluate()`, which TRL precomputed then, with
+    the current reference, so its values stay."""
+    chosen, rejected = inputs["ref_chosen_logps"].clone(), inputs["ref_rejected_logps"].clone()
+    for index, key in enumerate(pair_keys(inputs)):
+        if key in lookup:
+            chosen[index], rejected[index] = lookup[key]
+        elif training:
+            raise TRLContractError(
+                "A training pair has no reference log-probs recomputed at the sDPO stage boundary: the batches no "
+                "longer hold the tokens the train dataset was collated to."
+            )
+    return {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
 class StagewiseReference(TrainerCallback):

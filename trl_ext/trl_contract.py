@@ -37,6 +37,7 @@ from trl.trainer.utils import (  # noqa: F401
     FusedCausalLMOutput,  # what a forward with `fused_lm_head=True` returns
     add_fused_lm_head,  # patches `forward` to take `fused_lm_head=True`
     get_config_model_id,  # the default `output_dir` name, as TRL's trainers build it
+    hash_module,  # the hash of a model's weights in the cache key of precomputed reference log-probs
     use_adapter,  # activates a named PEFT adapter (`None`: adapters disabled) for one forward
 )
 
@@ -48,6 +49,10 @@ TRL_DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
     "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )
+# The metrics `trl.DPOTrainer._compute_loss` logs from the chosen completions (`entropy` from both): meaningless when
+# the chosen completion is trl_ext's empty placeholder, so they are dropped then.
+TRL_DPO_CHOSEN_METRICS = ("entropy", "logits/chosen", "mean_token_accuracy", "rewards/chosen", "rewards/accuracies",
+                          "rewards/margins", "logps/chosen")
 # `trl.SFTConfig.loss_type`'s argparse choices (`chunked_nll` is a deprecated alias TRL maps to `nll`)
 TRL_SFT_LOSS_CHOICES = tuple(trl.SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
 TRL_SFT_LOSS_TYPES = ("nll", "dft")
@@ -100,6 +105,9 @@ PRIVATE_METHODS = (
     # trl_ext.DPOTrainer computes its losses around TRL's private loss, and checks datasets before TRL prepares them
     PrivateMethod(trl.DPOTrainer, "_compute_loss", ("self", "model", "inputs", "return_outputs")),
     PrivateMethod(trl.DPOTrainer, "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name")),
+    # ...and, in sDPO, precomputes the reference log-probs again at each stage boundary, after setting the model hash
+    # of their cache key (`_precompute_model_hash`) to the new reference's
+    PrivateMethod(trl.DPOTrainer, "_precompute_ref_logps", ("self", "dataset", "name", "batch_size")),
     # trl_ext.SFTTrainer maps preference datasets to completions before TRL prepares them
     PrivateMethod(trl.SFTTrainer, "_prepare_dataset",
                   ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")),
