@@ -7,7 +7,8 @@ import logging
 import pytest
 from datasets import Dataset
 
-import penn_experiment
+from recipes import penn_experiment
+from recipes.penn_config import PennArguments
 from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl_ext.data import glues_words, prepare_preference_pairs, space_completions
 
@@ -85,8 +86,7 @@ def test_penn_recipe_trains_seed_format_data_on_separated_words(tiny_model_dir, 
     data.mkdir()
     for split in ("train", "test"):
         (data / f"{split}.jsonl").write_text(json.dumps(SEED_ROW) + "\n" + json.dumps(SPACED_ROW) + "\n")
-    args = penn_experiment.PennArguments(dataset_name=str(data), model_name_or_path=tiny_model_dir)
-    train = penn_experiment.load_splits(args)["train"]
+    train = penn_experiment.load_splits(PennArguments(dataset_name=str(data)))["train"]
     assert train[0]["prompt"] + train[0]["chosen"] == ("The sun was setting over the beautiful campus of the "
                                                        "University of Pennsylvania.")
     assert train[1] == SPACED_ROW
