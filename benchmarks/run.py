@@ -22,6 +22,7 @@ Writes `results.json` and `results.md` to `--output_dir` and prints the table.
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -180,11 +181,21 @@ def synchronize():
         torch.cuda.synchronize()
 
 
+def four_bit_matmul_flops(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+    """`bitsandbytes::gemv_4bit`: `A (..., K)` times a 4-bit `(N, K)` weight's transpose, as `aten.mm` counts it."""
+    return 2 * math.prod(out_shape) * a_shape[-1]
+
+
 def step_flops(step) -> int:
-    """FLOPs of one call of `step` (matrix products and attention: what `torch.utils.flop_counter` counts)."""
+    """FLOPs of one call of `step` (matrix products and attention: what `torch.utils.flop_counter` counts). On a CPU
+    with AVX512-BF16, a bitsandbytes 4-bit layer run once without gradient (precomputing reference log-probs, say)
+    switches to its own kernel, which the counter does not know: it is counted as the product it computes."""
+    import bitsandbytes  # noqa: F401: defines torch.ops.bitsandbytes
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    formulas = {torch.ops.bitsandbytes.gemv_4bit: four_bit_matmul_flops}
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
         step()
     return counter.get_total_flops()
 
