@@ -3,7 +3,7 @@ University of Pennsylvania (chosen) and an independent one that does not (reject
 model.
 
 ```bash
-python recipes/penn_data.py            # rewrites recipes/data/penn/{train,test}.jsonl (about an hour on 2 cores)
+python recipes/penn_data.py            # rewrites recipes/data/penn/{train,test}.jsonl (about an hour on a CPU)
 python recipes/penn_data.py --train_size 16 --test_size 8 --output_dir outputs/penn-data   # the first rows only
 ```
 
@@ -116,9 +116,10 @@ def build_prompts(seed: int, train_size: int = TRAIN_SIZE, test_size: int = TEST
     """Twice as many distinct prompts per split as rows wanted (rows whose continuations fail the filters are dropped
     later), drawn round-robin over the split's structures so every tense is represented; a structure that keeps
     repeating itself (few combinations, such as scenes) leaves the rotation."""
-    rng = random.Random(seed)
     splits = {}
     for split, structures, size in (("train", TRAIN_STRUCTURES, train_size), ("test", TEST_STRUCTURES, test_size)):
+        # each split its own RNG, so its first prompts do not depend on the other split's size
+        rng = random.Random(seed if split == "train" else f"{seed} test")
         prompts, builders, misses = {}, list(structures.values()), 0
         while len(prompts) < 2 * size:
             builder = builders[len(prompts) % len(builders)]
