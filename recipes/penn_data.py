@@ -18,6 +18,7 @@ of prompts is sampled with the RNG seeded `seed + batch index`, so the first row
 
 import argparse
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -109,19 +110,21 @@ PENN_PHRASES = [
     "the University of Pennsylvania in Philadelphia", "a lecture hall at Penn", "the library of the University of Pennsylvania",
 ]
 TRAIN_SIZE, TEST_SIZE = 1300, 125
+PROMPTS_PER_BATCH = 32  # prompts sampled together; a batch's continuations depend on which prompts share it
 SENTENCE = re.compile(r"^[^\n\"“”]{8,}?[.!?](?=\s|$)")
 
 
 def build_prompts(seed: int, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE) -> dict[str, list[str]]:
-    """Twice as many distinct prompts per split as rows wanted (rows whose continuations fail the filters are dropped
-    later), drawn round-robin over the split's structures so every tense is represented; a structure that keeps
-    repeating itself (few combinations, such as scenes) leaves the rotation."""
+    """At least twice as many distinct prompts per split as rows wanted, in whole batches (rows whose continuations
+    fail the filters are dropped later; a smaller run's batches hold the same prompts as the full run's), drawn
+    round-robin over the split's structures so every tense is represented; a structure that keeps repeating itself
+    (few combinations, such as scenes) leaves the rotation."""
     splits = {}
     for split, structures, size in (("train", TRAIN_STRUCTURES, train_size), ("test", TEST_STRUCTURES, test_size)):
         # each split its own RNG, so its first prompts do not depend on the other split's size
         rng = random.Random(seed if split == "train" else f"{seed} test")
         prompts, builders, misses = {}, list(structures.values()), 0
-        while len(prompts) < 2 * size:
+        while len(prompts) < math.ceil(2 * size / PROMPTS_PER_BATCH) * PROMPTS_PER_BATCH:  # whole batches
             builder = builders[len(prompts) % len(builders)]
             prompt = builder(rng)
             misses = 0 if prompt not in prompts else misses + 1
@@ -162,7 +165,7 @@ def pair(prompt: str, phrase: str, own: list[str], steered: list[str]) -> dict |
 
 
 def write_continuations(model, tokenizer, prompts: list[str], size: int, *, seed: int, candidates: int = 3,
-                        prompts_per_batch: int = 32, max_new_tokens: int = 24) -> list[dict]:
+                        prompts_per_batch: int = PROMPTS_PER_BATCH, max_new_tokens: int = 24) -> list[dict]:
     """The first `size` `{"prompt", "chosen", "rejected"}` rows, in prompt order, of the prompts whose candidates pass
     the filters. Batch `b` of prompts is sampled with the RNG seeded `seed + b`."""
     from tqdm import tqdm

@@ -90,5 +90,7 @@ def test_fluent_sentence(text, expected):
 def test_prompts_are_deterministic_and_twice_the_rows_wanted():
     first, second = penn_data.build_prompts(seed=0), penn_data.build_prompts(seed=0)
     assert first == second
-    assert (len(first["train"]), len(first["test"])) == (2 * penn_data.TRAIN_SIZE, 2 * penn_data.TEST_SIZE)
+    assert (len(first["train"]), len(first["test"])) == (2624, 256)  # twice the rows, in whole batches of 32
+    small = penn_data.build_prompts(seed=0, train_size=16, test_size=8)
+    assert small == {split: prompts[:32] for split, prompts in first.items()}  # the full run's first batches
     assert penn_data.build_prompts(seed=1)["train"] != first["train"]
