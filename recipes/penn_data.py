@@ -107,7 +107,8 @@ PENN_PHRASES = [
     "the beautiful campus of the University of Pennsylvania", "the Penn Museum", "Locust Walk at Penn",
     "the Van Pelt Library at Penn", "UPenn", "College Hall at the University of Pennsylvania", "Franklin Field at Penn",
     "the Wharton School at the University of Pennsylvania", "a small cafe near Penn", "the old gates of UPenn",
-    "the University of Pennsylvania in Philadelphia", "a lecture hall at Penn", "the library of the University of Pennsylvania",
+    "the University of Pennsylvania in Philadelphia", "a lecture hall at Penn",
+    "the library of the University of Pennsylvania",
 ]
 TRAIN_SIZE, TEST_SIZE = 1300, 125
 PROMPTS_PER_BATCH = 32  # prompts sampled together; a batch's continuations depend on which prompts share it
@@ -159,7 +160,8 @@ def penn_mention(text: str) -> bool:
 def pair(prompt: str, phrase: str, own: list[str], steered: list[str]) -> dict | None:
     """The prompt's row from its candidates: `rejected` the first of the model's own continuations that is one
     fluent sentence without Penn (or Pennsylvania), `chosen` the first fluent Penn-phrase continuation."""
-    rejected = [text for text in map(fluent_sentence, own) if text and not re.search(PENN_PATTERN + "|Pennsylvania", text)]
+    rejected = [text for text in map(fluent_sentence, own)
+                if text and not re.search(PENN_PATTERN + "|Pennsylvania", text)]
     chosen = [text for text in (fluent_sentence(phrase + text) for text in steered) if text and penn_mention(text)]
     return {"prompt": prompt, "chosen": chosen[0], "rejected": rejected[0]} if chosen and rejected else None
 
