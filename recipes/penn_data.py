@@ -82,8 +82,8 @@ TRIPS = ["the trip", "my week in the city", "her visit", "the long weekend", "ou
 
 def scene(rng: random.Random, scenes: list[str], openers: list[str]) -> str:
     """A scene, after an opener when the opener drawn is not empty: "Last spring, the sun was setting over"."""
-    scene, opener = rng.choice(scenes), rng.choice(openers)
-    return f"{opener} {scene[0].lower()}{scene[1:]}" if opener else scene
+    text, opener = rng.choice(scenes), rng.choice(openers)
+    return f"{opener} {text[0].lower()}{text[1:]}" if opener else text
 
 
 # Sentence structures: train and test share no structure and no opener.
