@@ -65,8 +65,9 @@ class PennArguments:
     top_p: float = field(default=0.9)
     generation_batch_size: int = field(default=32)
     num_samples_in_report: int = field(default=3)
-    curve_prompts: int = field(default=32, metadata={"help": "Held-out prompts generated from every `curve_every` "
-                                                             "steps for the alignment-accuracy curves; 0: no curves."})
+    curve_prompts: int = field(default=32, metadata={
+        "help": "Held-out prompts generated from every `curve_every` steps for the alignment-accuracy curves, and "
+                "whose pairs the DPO-family methods are evaluated on at those steps (`eval_rewards/*`); 0: neither."})
     curve_every: int = field(default=10, metadata={"help": "Optimizer steps between two points of the curves."})
     # Optional pairwise judge: an OpenAI-compatible chat endpoint
     judge_base_url: str | None = field(default=None, metadata={"help": "e.g. https://api.openai.com/v1; off if unset"})
@@ -241,8 +242,12 @@ def method_config(method: str, setup: PennSetup):
     its layered values and flags, so TRL validates every field."""
     trainer_cls, config_cls = TRAINERS[setup.training[method]["trainer"]]
     parser = TrlParser(config_cls, allow_abbrev=False, exit_on_error=False)
+    held_out_rewards = method in DPO_FAMILY and setup.args.curve_prompts > 0
     parser.set_defaults_with_config(**{
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        # the DPO family's implicit rewards on the curve's held-out pairs, at the curve's steps: a training batch's
+        # rewards are those of 8 pairs drawn anew each step, too noisy to tell a trend from
+        **({"eval_strategy": "steps", "eval_steps": setup.args.curve_every} if held_out_rewards else {}),
         **setup.training[method]["values"],
         "output_dir": str(Path(setup.args.output_dir) / method / "checkpoints"),
         "seed": setup.args.seed,

@@ -43,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import trl_ext
 from recipes.penn_config import PennArguments, PennSetup, method_config, parse_setup
-from recipes.penn_generation import METRICS, curve_callback, evaluate_method
+from recipes.penn_generation import HELD_OUT_REWARD, METRICS, REWARDS, curve_callback, evaluate_method
 from recipes.penn_judge import judge_pairs
 from recipes.penn_report import plot, report, settings_summary, write_json_atomically
 from recipes.penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
@@ -73,10 +73,9 @@ def load_splits(args: PennArguments) -> DatasetDict:
     return splits
 
 
-def train_method(method: str, setup: PennSetup, model_path: str, train_dataset, curve_prompts: list[str],
-                 output_dir: Path):
-    """Trains `method` from the base model, scoring the alignment accuracy on `curve_prompts` along the way; returns
-    the trainer."""
+def train_method(method: str, setup: PennSetup, model_path: str, train_dataset, curve_pairs, output_dir: Path):
+    """Trains `method` from the base model, scoring the alignment accuracy of `curve_pairs`' prompts along the way
+    (and, where its config evaluates, its loss and rewards on those pairs); returns the trainer."""
     trainer_cls, config = method_config(method, setup)
     rows = config.max_steps * config.per_device_train_batch_size * config.gradient_accumulation_steps
     if 0 < rows * config.world_size < len(train_dataset):  # only the rows the budget reaches: no other is scored
@@ -88,9 +87,11 @@ def train_method(method: str, setup: PennSetup, model_path: str, train_dataset, 
     )
     transformers.set_seed(config.seed)  # the same adapter initialisation for every method: a fair start, and the
     # reference log-probs TRL precomputes (keyed on the model's weights) are cached once for all of them
-    trainer = trainer_cls(model=model_path, args=config, train_dataset=train_dataset, peft_config=peft_config)
-    if curve_prompts:
-        trainer.add_callback(curve_callback(trainer, setup.args, curve_prompts, output_dir))
+    eval_dataset = curve_pairs if config.eval_strategy != "no" else None
+    trainer = trainer_cls(model=model_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                          peft_config=peft_config)
+    if len(curve_pairs):
+        trainer.add_callback(curve_callback(trainer, setup.args, list(curve_pairs["prompt"]), output_dir))
     trainer.train()
     trainer.save_model(str(output_dir / "model"))
     shutil.rmtree(output_dir / "checkpoints", ignore_errors=True)
@@ -104,17 +105,18 @@ def run_method(method, setup: PennSetup, model_path, tokenizer, base_model, spli
     if method == "base":
         model = base_model
     else:
-        curve_prompts = list(splits["test"]["prompt"][: args.curve_prompts])
-        trainer = train_method(method, setup, model_path, splits["train"], curve_prompts, output_dir)
+        curve_pairs = splits["test"].select(range(min(args.curve_prompts, len(splits["test"]))))
+        trainer = train_method(method, setup, model_path, splits["train"], curve_pairs, output_dir)
         model, log_history, step = trainer.model, trainer.state.log_history, trainer.state.global_step
     train_seconds = time.perf_counter() - start
     result = evaluate_method(model, tokenizer, base_model, splits["test"], args, step)
-    final = next((entry for entry in reversed(log_history) if "rewards/chosen" in entry), {})
+    held_out_rewards = [entry[HELD_OUT_REWARD] for entry in log_history if HELD_OUT_REWARD in entry]
     result.update(
         method=method,
         train_seconds=train_seconds,
         wall_seconds=time.perf_counter() - start,
-        final_chosen_reward=final.get("rewards/chosen"),
+        final_chosen_reward=held_out_rewards[-1] if held_out_rewards else None,
+        lowest_chosen_reward=min(held_out_rewards, default=None),
         log_history=log_history,
     )
     return result
@@ -182,7 +184,7 @@ def main(setup: PennSetup) -> dict:
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "trl": trl.__version__,
                      "transformers": transformers.__version__, "trl_ext": trl_ext.__version__},
         "seed": args.seed,
-        "metrics": {name: {key: result[key] for key in (*METRICS, "final_chosen_reward", "wall_seconds")}
+        "metrics": {name: {key: result[key] for key in (*METRICS, *REWARDS, "wall_seconds")}
                     for name, result in results.items()},
         "judge_win_rates": judge,
         "plots": plots,

@@ -9,6 +9,8 @@ from trl_ext.scorers import CompletionNLL, DistinctN, Generations, MeanWords, Re
 
 METRICS = ("alignment_accuracy", "repetition_3gram", "distinct_2", "fluency_nll", "mean_length_words")
 CURVE_KEY = "eval_gen/alignment_accuracy"
+HELD_OUT_REWARD = "eval_rewards/chosen"  # TRL's implicit chosen reward, evaluated on the curve's held-out pairs
+REWARDS = ("final_chosen_reward", "lowest_chosen_reward")  # a DPO-family method's HELD_OUT_REWARD: last, lowest
 
 
 def curve_callback(trainer, args: PennArguments, prompts: list[str], output_dir: Path) -> GenerationEvalCallback:

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from recipes.penn_config import DPO_FAMILY, PennSetup, method_config, method_file
-from recipes.penn_generation import CURVE_KEY
+from recipes.penn_generation import CURVE_KEY, HELD_OUT_REWARD
 
 # Training curves of the trl_ext objectives, plotted next to the loss and reward curves
 OBJECTIVE_METRICS = ("kl/penalty", "ift/nll_teacher_forced", "ift/nll_mixed", "dpop_norm/penalty", "dpop/penalty",
@@ -30,6 +30,10 @@ def plot(results: dict, output_dir: Path) -> list[str]:
             figure, axis = plt.subplots(figsize=(6, 4))
             for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
                 axis.plot([entry["step"] for entry in steps], [entry[key] for entry in steps], label=key)
+            held_out = [entry for entry in result["log_history"] if HELD_OUT_REWARD in entry]
+            if held_out:
+                axis.plot([entry["step"] for entry in held_out], [entry[HELD_OUT_REWARD] for entry in held_out], "C0s",
+                          label="rewards/chosen, held-out pairs")
             axis.axhline(0, color="grey", linewidth=0.5)
             axis.set(title=f"{method}: implicit rewards", xlabel="step", ylabel="reward")
             axis.legend(loc="upper left")
@@ -134,22 +138,26 @@ def report(results: dict, judge: dict, setup: PennSetup, prompts: list[str]) -> 
         "",
         settings_summary(setup, len(prompts)) + " Alignment accuracy with its 95% Wilson interval.",
         "",
-        "| method | alignment accuracy | repeated 3-grams | distinct-2 | fluency NLL | mean words | final chosen reward "
-        "| wall time (s) |",
+        "| method | alignment accuracy | repeated 3-grams | distinct-2 | fluency NLL | mean words | chosen reward: final "
+        "(lowest) | wall time (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, result in results.items():
-        reward = result["final_chosen_reward"]
+        reward, lowest = result["final_chosen_reward"], result["lowest_chosen_reward"]
         trials = len(result["completions"])
         low, high = wilson_interval(result["alignment_accuracy"] * trials, trials)
         lines.append(
             f"| {name} | {result['alignment_accuracy']:.3f} [{low:.2f}, {high:.2f}] | "
             f"{result['repetition_3gram']:.3f} | "
             f"{result['distinct_2']:.3f} | {result['fluency_nll']:.3f} | {result['mean_length_words']:.1f} | "
-            f"{'' if reward is None else f'{reward:.3f}'} | {result['wall_seconds']:.0f} |"
+            f"{'' if reward is None else f'{reward:.3f} ({lowest:.3f})'} | {result['wall_seconds']:.0f} |"
         )
     curves = {name: [entry for entry in result["log_history"] if CURVE_KEY in entry]
               for name, result in results.items()}
+    if any(result["final_chosen_reward"] is not None for result in results.values()):
+        lines += ["", f"Chosen reward: TRL's `eval_rewards/chosen` (beta times the chosen completion's log-ratio to the "
+                      f"reference) on the pairs of the first {min(args.curve_prompts, len(prompts))} held-out "
+                      "prompts, at the curve's steps: at the end, and the lowest."]
     if any(curves.values()):
         lines += ["", f"Alignment accuracy during training (the first {min(args.curve_prompts, len(prompts))} "
                       "held-out prompts, `alignment_accuracy_curves.png`), at steps:", ""]

@@ -2,8 +2,9 @@
 
 import statistics
 
-SUMMARY_METRICS = ("alignment_accuracy", "repetition_3gram", "distinct_2", "fluency_nll", "mean_length_words",
-                   "final_chosen_reward")
+from recipes.penn_generation import METRICS, REWARDS
+
+SUMMARY_METRICS = (*METRICS, *REWARDS)
 
 
 def aggregate(metrics_by_seed: dict[int, dict[str, dict]]) -> dict[str, dict[str, dict]]:

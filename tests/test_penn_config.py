@@ -30,7 +30,7 @@ LOSSES = {
     "tdpo2": (trl_ext.DPOTrainer, {"loss_type": ["tdpo2"], "beta": 0.1, "tdpo_alpha": 0.5}),
     "sdpo": (trl_ext.DPOTrainer, {"loss_type": ["sigmoid_norm"], "beta": 0.1, "sdpo_stages": 2}),
 }
-BUDGET = {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 5e-4, "lr_scheduler_type": "cosine",
+BUDGET = {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 6e-4, "lr_scheduler_type": "cosine",
           "max_length": None, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0,
           "gradient_checkpointing": False,
           "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}

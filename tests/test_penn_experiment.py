@@ -8,7 +8,7 @@ import pytest
 from recipes import penn_experiment as penn
 from recipes import penn_judge
 from recipes.penn_config import DEFAULT_METHODS, DPO_FAMILY, METHODS, MORE_DPO_METHODS, method_config
-from recipes.penn_generation import CURVE_KEY, METRICS
+from recipes.penn_generation import CURVE_KEY, HELD_OUT_REWARD, METRICS
 from recipes.penn_report import wilson_interval
 from recipes.penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
 from recipes.penn_seeds import aggregate, seeds_report
@@ -33,6 +33,8 @@ def check_outputs(output_dir: Path, methods) -> dict:
             assert isinstance(metrics[key], float), (method, key)
         assert 0 <= metrics["alignment_accuracy"] <= 1
         assert (metrics["final_chosen_reward"] is None) == (method not in DPO_FAMILY)
+        if method in DPO_FAMILY:
+            check_held_out_rewards(results["methods"][method])
         if method != "base":
             assert any((output_dir / method / "model").glob("adapter_model.safetensors"))
     assert {"torch", "trl", "transformers", "trl_ext"} <= set(results["versions"])
@@ -41,6 +43,16 @@ def check_outputs(output_dir: Path, methods) -> dict:
     for method in set(methods) - {"base"}:
         check_curve(output_dir, results["methods"][method])
     return results
+
+
+def check_held_out_rewards(result: dict) -> None:
+    """--quick: the DPO family is evaluated on the curve's held-out pairs at the curve's steps after 0 (at step 0 the
+    policy is the reference); the reported final and lowest chosen rewards are those evaluations'."""
+    evaluations = [entry for entry in result["log_history"] if HELD_OUT_REWARD in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    assert result["final_chosen_reward"] == evaluations[-1][HELD_OUT_REWARD]
+    assert result["lowest_chosen_reward"] == min(entry[HELD_OUT_REWARD] for entry in evaluations)
+    assert all(entry[HELD_OUT_REWARD] != 0 for entry in evaluations)  # the policy has moved
 
 
 def check_curve(output_dir: Path, result: dict) -> None:
@@ -155,6 +167,7 @@ def test_quick_run_of_the_other_dpo_losses(tiny_model_dir, tmp_path):
     assert list(metrics) == list(MORE_DPO_METHODS)
     for method in MORE_DPO_METHODS:
         assert isinstance(metrics[method]["final_chosen_reward"], float), method
+        assert metrics[method]["lowest_chosen_reward"] <= metrics[method]["final_chosen_reward"], method
         assert (tmp_path / f"rewards_{method}.png").stat().st_size > 0
 
 
@@ -171,10 +184,11 @@ def test_quick_run_on_embedded_model(tmp_path):
 
 
 def test_seed_summary_is_mean_and_sample_spread():
-    by_seed = {0: {"sft": {"alignment_accuracy": 0.5, "final_chosen_reward": None, "repetition_3gram": 0.1,
-                           "distinct_2": 0.4, "fluency_nll": 3.0, "mean_length_words": 10.0}},
-               1: {"sft": {"alignment_accuracy": 0.7, "final_chosen_reward": None, "repetition_3gram": 0.1,
-                           "distinct_2": 0.6, "fluency_nll": 2.0, "mean_length_words": 12.0}}}
+    no_reward = {"final_chosen_reward": None, "lowest_chosen_reward": None}
+    by_seed = {0: {"sft": {"alignment_accuracy": 0.5, "repetition_3gram": 0.1, "distinct_2": 0.4, "fluency_nll": 3.0,
+                           "mean_length_words": 10.0, **no_reward}},
+               1: {"sft": {"alignment_accuracy": 0.7, "repetition_3gram": 0.1, "distinct_2": 0.6, "fluency_nll": 2.0,
+                           "mean_length_words": 12.0, **no_reward}}}
     summary = aggregate(by_seed)["sft"]
     assert "final_chosen_reward" not in summary
     accuracy = summary["alignment_accuracy"]
