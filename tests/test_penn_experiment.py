@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from recipes import penn_experiment as penn
 from recipes import penn_judge
@@ -103,9 +104,35 @@ def test_dpo_family_trains_on_the_rows_its_budget_reaches_and_shares_one_referen
     assert {len(trainer.train_dataset) for trainer in trainers} == {16}
     # TRL keys its cache file on the rows' fingerprint and the model's hash: one file, read by every method
     cache_files = [{file["filename"] for file in trainer.train_dataset.cache_files} for trainer in trainers]
-    print(cache_files)
     assert cache_files[0] == cache_files[1] == cache_files[2]
     assert trainers[0].train_dataset["ref_chosen_logps"] == trainers[2].train_dataset["ref_chosen_logps"]
+    # the sequential sampler keeps the recipe's length-grouped layout: the first batch is the first 8 rows
+    trainer = trainers[0]
+    first_rows = [trainer.train_dataset[index] for index in range(8)]
+    first_batch = next(iter(trainer.get_train_dataloader()))
+    assert first_batch["input_ids"].tolist() == trainer.data_collator(first_rows)["input_ids"].tolist()
+
+
+def test_length_grouped_batches_keep_every_row_and_pad_less(tiny_model_dir):
+    rows = penn.load_splits(parse([]).args)["train"].select(range(64))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def lengths(dataset):
+        return [max(len(tokenizer(row["prompt"] + row[side]).input_ids) for side in ("chosen", "rejected"))
+                for row in dataset]
+
+    def positions(lengths):  # what a batch of 8 costs: every row padded to the batch's longest
+        return sum(8 * max(lengths[start:start + 8]) for start in range(0, len(lengths), 8))
+
+    grouped = penn.in_length_grouped_batches(rows, 8, seed=0, tokenizer=tokenizer, group_batches=2)
+    assert sorted(map(str, grouped)) == sorted(map(str, rows))
+    assert positions(lengths(grouped)) < positions(lengths(rows.shuffle(seed=0)))
+    assert all(batch == sorted(batch) for batch in (lengths(grouped)[start:start + 8] for start in range(0, 64, 8)))
+    assert grouped["prompt"] == penn.in_length_grouped_batches(rows, 8, 0, tokenizer, 2)["prompt"]
+    assert grouped["prompt"] != penn.in_length_grouped_batches(rows, 8, 1, tokenizer, 2)["prompt"]
+    # one group of all the rows: the fewest positions any layout has
+    everything = penn.in_length_grouped_batches(rows, 8, seed=0, tokenizer=tokenizer, group_batches=8)
+    assert positions(lengths(everything)) == positions(sorted(lengths(rows)))
 
 
 def test_every_methods_options_are_checked_before_anything_trains(tmp_path):
