@@ -121,7 +121,9 @@ def settings_summary(setup: PennSetup, num_prompts: int) -> str:
     if configs:  # the budget is common.yaml's, the same for every method unless a method's section changes it
         config = next(iter(configs.values()))
         steps = f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.num_train_epochs} epochs"
-        training = (f", {steps} x batch {config.per_device_train_batch_size}, lr {config.learning_rate} "
+        order = ("length-grouped batches in a seeded order" if config.train_sampling_strategy == "sequential"
+                 else f"{config.train_sampling_strategy} sampler")
+        training = (f", {steps} x batch {config.per_device_train_batch_size} ({order}), lr {config.learning_rate} "
                     f"{config.lr_scheduler_type.value}; losses: "
                     + "; ".join(_loss(method, config) for method, config in configs.items()))
     return (

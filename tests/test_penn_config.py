@@ -12,6 +12,7 @@ import trl_ext
 from recipes import penn_config
 from recipes.penn_config import PennSetup, method_config
 from recipes.penn_experiment import parse_args
+from recipes.penn_report import settings_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default run as the README reports it: the loss fields each method's loss reads, and its trainer
@@ -32,7 +33,7 @@ LOSSES = {
 }
 BUDGET = {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 6e-4, "lr_scheduler_type": "cosine",
           "max_length": None, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0,
-          "gradient_checkpointing": False,
+          "gradient_checkpointing": False, "train_sampling_strategy": "sequential",
           "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
 
 
@@ -55,6 +56,10 @@ def test_the_default_configs_are_the_reported_run():
         assert isinstance(config, trl_ext.DPOConfig) == (trainer_cls is trl_ext.DPOTrainer), method
         assert values(config, loss) == loss, method
         assert values(config, BUDGET) == BUDGET, method
+        # the DPO family is evaluated on the curve's held-out pairs at the curve's steps
+        evaluated = {"eval_strategy": "steps", "eval_steps": 10} if method in penn_config.DPO_FAMILY else {
+            "eval_strategy": "no"}
+        assert values(config, evaluated) == evaluated, method
         assert config.output_dir == f"outputs/penn/{method}/checkpoints"
     model = setup.model
     assert (model.model_name_or_path, model.use_peft) == ("embedded:smollm2-135m-instruct", True)
@@ -126,3 +131,13 @@ def test_a_method_file_with_an_unknown_key_is_refused_naming_it(tmp_path, monkey
             penn_config.method_file("dpo")
     finally:
         penn_config.method_file.cache_clear()
+
+
+@pytest.mark.parametrize("argv, order", [([], "40 steps x batch 8 (length-grouped batches in a seeded order), lr 0.0006"),
+                                         (["--train_sampling_strategy", "random"], "(random sampler)")])
+def test_report_header_states_the_budget_and_row_order(argv, order):
+    assert order in settings_summary(setup_of(argv), 125)
+
+
+def test_no_curve_no_held_out_evaluation():
+    assert method_config("dpop", setup_of(["--curve_prompts", "0"]))[1].eval_strategy == "no"
