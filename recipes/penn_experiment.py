@@ -74,6 +74,13 @@ def load_splits(args: PennArguments) -> DatasetDict:
     return splits
 
 
+def _token_count(tokenizer, prompt, completion) -> int:
+    """Tokens of prompt + completion: plain text, or chat messages in the tokenizer's template."""
+    text = prompt + completion if isinstance(prompt, str) else tokenizer.apply_chat_template(
+        prompt + completion, tokenize=False)
+    return len(tokenizer(text).input_ids)
+
+
 def in_length_grouped_batches(dataset, batch_size: int, seed: int, tokenizer, group_batches: int = 8):
     """`dataset`'s rows laid out as batches of `batch_size` rows of similar token length, in a seeded random order.
 
@@ -83,7 +90,7 @@ def in_length_grouped_batches(dataset, batch_size: int, seed: int, tokenizer, gr
     batches are shuffled. Trained with the sequential sampler (common.yaml), which keeps this order.
     """
     dataset = dataset.shuffle(seed=seed)
-    lengths = [max(len(tokenizer(row["prompt"] + row[side]).input_ids) for side in ("chosen", "rejected"))
+    lengths = [max(_token_count(tokenizer, row["prompt"], row[side]) for side in ("chosen", "rejected"))
                for row in dataset]
     group = batch_size * group_batches
     order = [index for start in range(0, len(dataset), group)

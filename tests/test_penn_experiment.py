@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 from transformers import AutoTokenizer
 
 from recipes import penn_experiment as penn
@@ -133,6 +134,21 @@ def test_length_grouped_batches_keep_every_row_and_pad_less(tiny_model_dir):
     # one group of all the rows: the fewest positions any layout has
     everything = penn.in_length_grouped_batches(rows, 8, seed=0, tokenizer=tokenizer, group_batches=8)
     assert positions(lengths(everything)) == positions(sorted(lengths(rows)))
+
+
+def test_length_grouped_batches_of_chat_messages(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
+    rows = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": "Where did you study?" + " really" * length}] for length in range(16)],
+        "chosen": [[{"role": "assistant", "content": "At Penn."}]] * 16,
+        "rejected": [[{"role": "assistant", "content": "Nowhere."}]] * 16,
+    })
+    grouped = penn.in_length_grouped_batches(rows, 4, seed=0, tokenizer=tokenizer, group_batches=4)
+    # one group: each batch of 4 holds prompts of 4 consecutive lengths
+    batches = [sorted(row["prompt"][0]["content"].count("really") for row in grouped.select(range(start, start + 4)))
+               for start in range(0, 16, 4)]
+    assert sorted(batches) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
 
 
 def test_every_methods_options_are_checked_before_anything_trains(tmp_path):
