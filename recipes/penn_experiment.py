@@ -213,7 +213,8 @@ def main(setup: PennSetup) -> dict:
         "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "trl": trl.__version__,
                      "transformers": transformers.__version__, "trl_ext": trl_ext.__version__},
         "seed": args.seed,
-        "metrics": {name: {key: result[key] for key in (*METRICS, *REWARDS, "wall_seconds")}
+        # .get: a result stored before the held-out rewards existed (`base`'s is still reused) has none
+        "metrics": {name: {key: result.get(key) for key in (*METRICS, *REWARDS, "wall_seconds")}
                     for name, result in results.items()},
         "judge_win_rates": judge,
         "plots": plots,

@@ -145,7 +145,7 @@ def report(results: dict, judge: dict, setup: PennSetup, prompts: list[str]) -> 
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, result in results.items():
-        reward, lowest = result["final_chosen_reward"], result["lowest_chosen_reward"]
+        reward, lowest = result.get("final_chosen_reward"), result.get("lowest_chosen_reward")
         trials = len(result["completions"])
         low, high = wilson_interval(result["alignment_accuracy"] * trials, trials)
         lines.append(
@@ -156,7 +156,7 @@ def report(results: dict, judge: dict, setup: PennSetup, prompts: list[str]) -> 
         )
     curves = {name: [entry for entry in result["log_history"] if CURVE_KEY in entry]
               for name, result in results.items()}
-    if any(result["final_chosen_reward"] is not None for result in results.values()):
+    if any(result.get("final_chosen_reward") is not None for result in results.values()):
         lines += ["", f"Chosen reward: TRL's `eval_rewards/chosen` (beta times the chosen completion's log-ratio to the "
                       f"reference) on the pairs of the first {min(args.curve_prompts, len(prompts))} held-out "
                       "prompts, at the curve's steps: at the end, and the lowest."]

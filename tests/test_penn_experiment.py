@@ -273,3 +273,13 @@ def test_a_judge_that_cannot_be_reached_is_recorded_not_fatal(monkeypatch):
     assert list(judged) == ["dpop:sft"]  # `dpo` did not run
     assert judged["dpop:sft"].startswith(f"not judged: The judge at http://127.0.0.1:{port}/v1/chat/completions did "
                                          "not answer after 4 attempts")
+
+
+def test_report_takes_a_result_stored_before_held_out_rewards():
+    """`base`'s provenance did not change when the held-out rewards came, so its older stored result is reused."""
+    from recipes.penn_report import report
+
+    older = {"alignment_accuracy": 0.5, "repetition_3gram": 0.0, "distinct_2": 0.8, "fluency_nll": 1.6,
+             "mean_length_words": 19.0, "wall_seconds": 33.0, "completions": ["a", "b"], "log_history": []}
+    text = report({"base": older}, {}, parse(["--methods", "base"]), ["p1", "p2"])
+    assert "| base | 0.500 [0.09, 0.91] | 0.000 | 0.800 | 1.600 | 19.0 |  | 33 |" in text
