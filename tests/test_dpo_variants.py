@@ -225,7 +225,8 @@ def test_sdpo_with_precomputed_reference_trains_as_on_the_fly(tiny_model_dir, pr
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:  # after the stage boundary's recompute
                 trainer = self.trainer
-                batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
+                rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+                batch = trainer._prepare_inputs(trainer.data_collator(rows))
                 with torch.no_grad():
                     boundary["expected"] = _sequence_logps(trainer.model, batch)
                 boundary["recomputed"] = [trainer.stage_reference_logps[key] for key in sdpo.pair_keys(batch)]
@@ -237,7 +238,7 @@ def test_sdpo_with_precomputed_reference_trains_as_on_the_fly(tiny_model_dir, pr
     recorder.trainer = precomputed
     precomputed.add_callback(recorder)
     precomputed.train()
-    expected = torch.stack(boundary["expected"], dim=1)
+    expected = torch.stack(boundary["expected"], dim=1).cpu()
     torch.testing.assert_close(torch.tensor(boundary["recomputed"]), expected, atol=1e-4, rtol=1e-5)
     on_the_fly = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "on_the_fly",
                        trainer_kwargs, **fields)

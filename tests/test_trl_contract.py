@@ -242,7 +242,7 @@ def test_precomputed_reference_cache_is_keyed_by_the_model_hash(tiny_model_dir, 
     assert trainer._precompute_ref_logps(dataset, "train", 4)["ref_chosen_logps"] == before  # stale: same hash
     trainer._precompute_model_hash = hash_module(trainer.model)
     recomputed = trainer._precompute_ref_logps(dataset, "train", 4)
-    batch = trainer.data_collator([recomputed[i] for i in range(4)])
+    batch = trainer._prepare_inputs(trainer.data_collator([recomputed[i] for i in range(4)]))
     expected, _ = trainer.compute_ref_log_probs(trainer.model, batch)
     assert recomputed["ref_chosen_logps"][:4] == pytest.approx(expected.tolist(), abs=1e-5)
     assert recomputed["ref_chosen_logps"][:4] != pytest.approx(before[:4], abs=1e-3)
@@ -275,7 +275,7 @@ def test_unwrap_model_for_generation_yields_the_model_and_restores_checkpointing
     the generation and back on after it."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.gradient_checkpointing_enable()
-    with unwrap_model_for_generation(model, Accelerator(cpu=True)) as unwrapped:
+    with unwrap_model_for_generation(model, Accelerator()) as unwrapped:
         assert unwrapped is model and not model.is_gradient_checkpointing
     assert model.is_gradient_checkpointing
 
@@ -309,7 +309,7 @@ def test_fused_forward_runs_the_backbone_once_before_the_lm_head(tiny_model_dir,
     if peft:
         model = get_peft_model(model, LORA)
     input_ids = torch.tensor([[1, 5, 9, 4, 7]])
-    with trl_contract.record_last_hidden_states(Accelerator(cpu=True), model) as hidden_states:
+    with trl_contract.record_last_hidden_states(Accelerator(), model) as hidden_states:
         output = model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
     assert len(hidden_states) == 1
     logits = model.get_output_embeddings()(hidden_states[0][:, :-1])

@@ -3,15 +3,22 @@
 Under FSDP, transformers sets `trainer.model` to the FSDP wrapper, and TRL calls it for the PEFT reference while the
 policy goes through `model`: hooks on both a wrapper and its module would record one forward twice. torch's FSDP runs
 on CPU in a one-process gloo group, which is enough to check the recording (`accelerate launch` refuses FSDP without
-a GPU). DDP is covered end to end by the 2-process tests in `test_recipes.py` and `test_llama2_pipeline.py`.
+a GPU). DDP is covered end to end by the 2-process tests in `test_recipes.py` and `test_llama2_pipeline.py`. The
+trainers here run on the CPU (`use_cpu`) on a GPU machine too: a gloo group holds CPU tensors.
 """
 
+import contextlib
 import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+import transformers
+from accelerate import FullyShardedDataParallelPlugin
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
+from peft import AutoPeftModelForCausalLM
+from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType, fully_shard
 
 from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl_ext.trl_contract import record_fused_outputs
@@ -19,14 +26,22 @@ from trl_ext.trl_contract import record_fused_outputs
 from .conftest import LORA, make_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def gloo_group():
+    """A one-process gloo group, and accelerate's process-wide state started afresh on the CPU (and again after the
+    test): an earlier test on a GPU machine leaves it on `cuda:0`, which a CPU trainer may not share."""
+    AcceleratorState._reset_state(reset_partial_state=True)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def cpu_config(config_cls, tmp_path, **fields):
+    return make_config(config_cls, tmp_path, use_cpu=True, **fields)
 
 
 def wrap(kind: str, model: torch.nn.Module) -> torch.nn.Module:
@@ -46,7 +61,7 @@ def losses_and_metrics(trainer, model, batch) -> tuple[float, dict[str, float]]:
 
 @pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
 def test_record_a_wrapped_model_once(gloo_group, tiny_model_dir, preference_dataset, tmp_path, kind):
-    trainer = DPOTrainer(model=tiny_model_dir, args=make_config(DPOConfig, tmp_path, loss_type="dpop"),
+    trainer = DPOTrainer(model=tiny_model_dir, args=cpu_config(DPOConfig, tmp_path, loss_type="dpop"),
                          train_dataset=preference_dataset)
     module = trainer.model
     wrapper = wrap(kind, module)
@@ -64,10 +79,10 @@ def test_losses_under_fsdp_equal_the_unwrapped_ones(gloo_group, tiny_model_dir, 
                                                     loss):
     """As transformers does under FSDP, `trainer.model` becomes the wrapper; the PEFT reference runs through it."""
     if loss == "dpop":
-        trainer = DPOTrainer(model=tiny_model_dir, args=make_config(DPOConfig, tmp_path, loss_type="dpop"),
+        trainer = DPOTrainer(model=tiny_model_dir, args=cpu_config(DPOConfig, tmp_path, loss_type="dpop"),
                              train_dataset=preference_dataset, peft_config=LORA)
     else:
-        trainer = SFTTrainer(model=tiny_model_dir, args=make_config(SFTConfig, tmp_path, loss_type=loss, kl_coef=1.0),
+        trainer = SFTTrainer(model=tiny_model_dir, args=cpu_config(SFTConfig, tmp_path, loss_type=loss, kl_coef=1.0),
                              train_dataset=preference_dataset, peft_config=LORA)
     trainer.model.train()
     with torch.no_grad():  # move the adapter away from zero, so that the policy differs from the reference
@@ -90,9 +105,89 @@ def test_losses_under_fsdp_equal_the_unwrapped_ones(gloo_group, tiny_model_dir, 
 @pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
 def test_ift_refuses_sharded_parameters(gloo_group, tiny_model_dir, preference_dataset, tmp_path, kind):
     """IFT's first pass reads the embedding matrix outside the forward, where FSDP keeps it sharded."""
-    trainer = SFTTrainer(model=tiny_model_dir, args=make_config(SFTConfig, tmp_path, loss_type="ift"),
+    trainer = SFTTrainer(model=tiny_model_dir, args=cpu_config(SFTConfig, tmp_path, loss_type="ift"),
                          train_dataset=preference_dataset)
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(2)]))
     trainer.model = trainer.model_wrapped = wrap(kind, trainer.model)
     with pytest.raises(ValueError, match=r"`loss_type='ift'` does not support FSDP or DeepSpeed ZeRO-3.*Use DDP"):
         trainer.compute_loss(trainer.model, batch)
+
+
+def run_under_fsdp(trainer, kind: str, state_dict_type: str) -> FullyShardedDataParallelPlugin:
+    """What `accelerate launch` with an FSDP config sets up (and refuses without a GPU): the wrapped model and the
+    FSDP plugin with the config's state dict type."""
+    trainer.model = trainer.model_wrapped = wrap(kind, trainer.model)
+    state = AcceleratorState()
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=int(kind[-1]), state_dict_type=state_dict_type)
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    return state.fsdp_plugin
+
+
+def trained_adapter(trainer) -> dict[str, torch.Tensor]:
+    """Moves the LoRA weights away from their initialisation, as training would; returns them by parameter name."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return {name: parameter.detach().clone() for name, parameter in trainer.model.named_parameters() if "lora_" in name}
+
+
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    """The LoRA weights of `model`, gathered if it is FSDP-wrapped, by their name in the bare PEFT model."""
+    gathered = FullyShardedDataParallel.summon_full_params(model) if isinstance(model, FullyShardedDataParallel) \
+        else contextlib.nullcontext()
+    with gathered:
+        return {name.replace("_fsdp_wrapped_module.", ""): getattr(parameter, "full_tensor", parameter.detach)()
+                .detach().clone() for name, parameter in model.named_parameters() if "lora_" in name}
+
+
+def peft_trainer(family: str, tiny_model_dir, dataset, tmp_path, **fields):
+    if family == "dpo":
+        return DPOTrainer(model=tiny_model_dir, args=cpu_config(DPOConfig, tmp_path, loss_type="dpop", **fields),
+                          train_dataset=dataset, peft_config=LORA)
+    return SFTTrainer(model=tiny_model_dir, args=cpu_config(SFTConfig, tmp_path, loss_type="kl_sft", **fields),
+                      train_dataset=dataset, peft_config=LORA)
+
+
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
+@pytest.mark.parametrize("family", ["dpo", "sft"])
+def test_save_model_under_sharded_fsdp_writes_a_loadable_adapter(gloo_group, tiny_model_dir, preference_dataset,
+                                                                 tmp_path, kind, family):
+    trainer = peft_trainer(family, tiny_model_dir, preference_dataset, tmp_path)
+    trained = trained_adapter(trainer)
+    plugin = run_under_fsdp(trainer, kind, "SHARDED_STATE_DICT")
+
+    transformers.Trainer.save_model(trainer, str(tmp_path / "transformers"))
+    assert not (tmp_path / "transformers" / "adapter_config.json").exists()  # what trl_ext's override is for
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert plugin.state_dict_type == StateDictType.SHARDED_STATE_DICT  # checkpoint shards keep the run's type
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert adapter_weights(loaded).keys() == trained.keys()
+    for name, weight in adapter_weights(loaded).items():
+        torch.testing.assert_close(weight, trained[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
+@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
+def test_a_checkpoint_under_fsdp_holds_the_adapter_and_resumes_it(gloo_group, tiny_model_dir, preference_dataset,
+                                                                  tmp_path, kind, state_dict_type):
+    trainer = peft_trainer("dpo", tiny_model_dir, preference_dataset, tmp_path, save_strategy="steps")
+    trained = trained_adapter(trainer)
+    run_under_fsdp(trainer, kind, state_dict_type)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    trainer.state.global_step = 1
+    trainer._save_checkpoint(trainer.model, trial=None)
+    checkpoint = tmp_path / "checkpoint-1"
+    assert (checkpoint / "adapter_config.json").is_file()
+
+    with torch.no_grad():  # the adapter moves on after the checkpoint
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_" in name:
+                parameter.add_(1.0)
+    trainer._load_from_checkpoint(str(checkpoint), trainer.model_wrapped)
+    resumed = adapter_weights(trainer.model)
+    assert resumed.keys() == trained.keys()
+    for name, weight in resumed.items():
+        torch.testing.assert_close(weight, trained[name], rtol=0, atol=0)

@@ -19,6 +19,7 @@ from .dpo_losses import (
     registered_dpo_losses,
 )
 from .embedded import resolve_model_and_args
+from .saving import SavesLoadableModels
 from .trl_contract import (
     TRL_DPO_CHOSEN_METRICS,
     TRL_DPO_LOSS_TYPES,
@@ -158,7 +159,7 @@ def _record_nothing(*models):
 LOSS_STATE_FILE = "trl_ext_loss_state.pt"
 
 
-class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
+class DPOTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.DPOTrainer):
     """
     [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (trl_ext's and the
     user's), and trains in sDPO stages. Same constructor, datasets, metrics and reference-model handling as TRL's.

@@ -17,6 +17,7 @@ from peft import PeftModel
 from . import citations
 from .data import warn_if_words_glue
 from .embedded import resolve_model_and_args
+from .saving import SavesLoadableModels
 from .ift import check_parameters_are_whole
 from .packed import rows_per_sequence
 from .sft_losses import KL_PENALTIES, SFTLogps, SFTLossOutput, registered_sft_loss, registered_sft_losses
@@ -204,7 +205,7 @@ def _as_trl_loss_type(args: trl.SFTConfig):
         args.loss_type = loss_type
 
 
-class SFTTrainer(citations.CitesItsLosses, trl.SFTTrainer):
+class SFTTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.SFTTrainer):
     """
     [`trl.SFTTrainer`] with the SFT losses registered with [`register_sft_loss`] (`kl_sft`, `ift` and the user's).
     Same constructor as TRL's plus `ref_model` (used by losses with a reference, such as `kl_sft`).

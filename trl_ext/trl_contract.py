@@ -23,6 +23,7 @@ import trl
 from accelerate import Accelerator
 from packaging.requirements import Requirement
 from packaging.version import Version
+from torch.distributed.fsdp import StateDictType
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 # The helpers trl_ext calls. `trl.experimental` promises no stability (hence its warning, silenced here: the contract
@@ -118,6 +119,8 @@ PRIVATE_METHODS = (
     # trl_ext.DPOTrainer saves and restores its stateful losses' state next to the optimizer's in each checkpoint
     PrivateMethod(transformers.Trainer, "_save_optimizer_and_scheduler", ("self", "output_dir")),
     PrivateMethod(transformers.Trainer, "_load_optimizer_and_scheduler", ("self", "checkpoint")),
+    # Both trainers restore an FSDP1-wrapped PEFT model's adapter after transformers loads a checkpoint
+    PrivateMethod(transformers.Trainer, "_load_from_checkpoint", ("self", "resume_from_checkpoint", "model")),
 )
 # Both trainers cite the papers of the losses they trained through `_paper`, the dictionary TRL's
 # `create_model_card` reads (keys `title`, `id`, `citation`) and each TRL trainer class sets.
@@ -139,6 +142,24 @@ def default_bf16_to_what_the_machine_supports(args) -> None:
     if args.bf16 is None and not args.fp16 and not args.use_cpu:
         if not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
             args.bf16 = False
+
+
+@contextlib.contextmanager
+def full_state_dict_while_saving(fsdp_plugin) -> Iterator[None]:
+    """Makes transformers' `Trainer.save_model` write the model under FSDP, whatever the run's state dict type.
+
+    `save_model` writes nothing under FSDP unless `fsdp_plugin.state_dict_type` is `FULL_STATE_DICT` (the weights of a
+    `SHARDED_STATE_DICT` run exist only as checkpoint shards); it then gathers the whole state dict on the main process
+    through `accelerator.get_state_dict`, which does not read the plugin's type. PEFT's FSDP guide switches the type
+    before the final save; here it is switched back afterwards, so the checkpoint shards that resume a run (written
+    after `save_model` in `_save_checkpoint`) keep the run's type.
+    """
+    previous = fsdp_plugin.state_dict_type
+    fsdp_plugin.state_dict_type = StateDictType.FULL_STATE_DICT
+    try:
+        yield
+    finally:
+        fsdp_plugin.state_dict_type = previous
 
 
 def loss_is_scaled_for_gradient_accumulation(trainer: transformers.Trainer, num_items_in_batch) -> bool:
