@@ -162,7 +162,7 @@ def test_registering_a_name_again_replaces_it_with_a_warning():
         def second(batch, config):
             return batch.chosen_logratios * 0 + 1
 
-    assert trl_ext.dpo_losses.registered_dpo_loss("test_cell_rerun").fn is second
+    assert trl_ext.losses.registered_dpo_loss("test_cell_rerun").fn is second
 
 
 def test_registering_trl_name_is_refused():

@@ -10,10 +10,11 @@ import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss, sdpo
+from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_loss
 from trl_ext.citations import DPO as DPO_PAPER
-from trl_ext.dpo import LOSS_STATE_FILE
-from trl_ext.preference_losses import token_kl
+from trl_ext.losses.tdpo import token_kl
+from trl_ext.trainers import stepwise_dpo
+from trl_ext.trainers.dpo import LOSS_STATE_FILE
 from trl_ext.trl_contract import TRL_DPO_CHOSEN_METRICS
 
 from .conftest import LORA, make_config, step_logs, train
@@ -229,7 +230,7 @@ def test_sdpo_with_precomputed_reference_trains_as_on_the_fly(tiny_model_dir, pr
                 batch = trainer._prepare_inputs(trainer.data_collator(rows))
                 with torch.no_grad():
                     boundary["expected"] = _sequence_logps(trainer.model, batch)
-                boundary["recomputed"] = [trainer.stage_reference_logps[key] for key in sdpo.pair_keys(batch)]
+                boundary["recomputed"] = [trainer.stage_reference_logps[key] for key in stepwise_dpo.pair_keys(batch)]
 
     precomputed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
                              args=make_config(DPOConfig, tmp_path / "precomputed", precompute_ref_log_probs=True,

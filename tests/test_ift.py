@@ -1,11 +1,11 @@
-"""IFT's first pass (`trl_ext.ift.predict_next_embeddings`) against a naive full-logits implementation."""
+"""IFT's first pass (`trl_ext.trainers.ift_inputs.predict_next_embeddings`) against a naive full-logits implementation."""
 
 import pytest
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from trl_ext import ift
+from trl_ext.trainers import ift_inputs as ift
 
 from .conftest import LORA
 

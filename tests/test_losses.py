@@ -1,4 +1,4 @@
-"""The pure loss math of `trl_ext.losses`, against numbers computed by hand."""
+"""DPOP's math and registrations (`trl_ext.losses.dpop`), against numbers computed by hand."""
 
 import math
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trl_ext.dpo_losses import PreferenceLogps, compute_registered_loss
-from trl_ext.losses import dpop_loss
+from trl_ext.losses import PreferenceLogps, compute_dpo_loss
+from trl_ext.losses.dpop import dpop_loss
 
 
 def _softplus(x: float) -> float:  # -log sigmoid(-x)
@@ -62,8 +62,8 @@ def test_registered_dpop_and_dpop_norm_by_hand():
     # Summed: rho_w = -12 - (-10) = -2, rho_l = -20 - (-16) = -4. Penalty 5 * 2 = 10, inner -2 + 4 - 10 = -8.
     # Averaged over 4 chosen / 8 rejected tokens: rho_w = -0.5, rho_l = -0.5, penalty 2.5, inner -0.5 + 0.5 - 2.5.
     batch = _batch([-12.0], [-20.0], [-10.0], [-16.0], [4.0], [8.0])
-    summed = compute_registered_loss("dpop", batch, _Config)
-    averaged = compute_registered_loss("dpop_norm", batch, _Config)
+    summed = compute_dpo_loss("dpop", batch, _Config)
+    averaged = compute_dpo_loss("dpop_norm", batch, _Config)
     assert summed.losses.item() == pytest.approx(_softplus(0.8))
     assert summed.metrics["penalty"].item() == pytest.approx(10.0)
     assert summed.metrics["active"].item() == 1.0
@@ -74,7 +74,7 @@ def test_registered_dpop_and_dpop_norm_by_hand():
 def test_registered_dpop_norm_penalty_off():
     # Averaged: rho_w = (-6 + 8) / 2 = 1 (off), rho_l = (-9 + 6) / 3 = -1: inner 2, beta 0.1 -> logit 0.2
     batch = _batch([-6.0], [-9.0], [-8.0], [-6.0], [2.0], [3.0])
-    output = compute_registered_loss("dpop_norm", batch, _Config)
+    output = compute_dpo_loss("dpop_norm", batch, _Config)
     assert output.losses.item() == pytest.approx(_softplus(-0.2))
     assert output.metrics["penalty"].item() == 0.0
     assert output.metrics["active"].item() == 0.0

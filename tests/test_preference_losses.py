@@ -1,25 +1,20 @@
-"""cDPO, R-DPO, beta-DPO, NPO and TDPO (`trl_ext.preference_losses`, their registrations) against numbers computed
-by hand."""
+"""cDPO, R-DPO, beta-DPO, NPO and TDPO (`trl_ext.losses`: their math and registrations) against numbers computed by
+hand."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from trl_ext import DPOConfig
-from trl_ext.dpo_losses import LossContext, PreferenceLogps, compute_registered_loss
-from trl_ext.preference_losses import (
-    beta_dpo_beta,
-    beta_dpo_filter_mask,
-    cdpo_loss,
-    npo_loss,
-    rdpo_loss,
-    sequential_kl,
-    tdpo_loss,
-    token_kl,
-    weighted_sigmoid_loss,
-)
+from trl_ext.losses import LossContext, PreferenceLogps, compute_dpo_loss
+from trl_ext.losses.beta_dpo import beta_dpo_beta, beta_dpo_filter_mask, weighted_sigmoid_loss
+from trl_ext.losses.cdpo import cdpo_loss
+from trl_ext.losses.npo import npo_loss
+from trl_ext.losses.rdpo import rdpo_loss
+from trl_ext.losses.tdpo import sequential_kl, tdpo_loss, token_kl
 
 
 def _softplus(x: float) -> float:  # -log sigmoid(-x)
@@ -110,7 +105,7 @@ def _config(tmp_path, **fields) -> DPOConfig:
 def test_registered_beta_dpo_first_step_by_hand(tmp_path):
     config = _config(tmp_path, loss_type="beta_dpo", beta=0.1, beta_dpo_alpha=0.5, beta_dpo_filter_ratio=0.0)
     context = _context()
-    output = compute_registered_loss("beta_dpo", _pairs([3.0, 1.0], [1.0, -3.0]), config, context)
+    output = compute_dpo_loss("beta_dpo", replace(_pairs([3.0, 1.0], [1.0, -3.0]), context=context), config)
     # margins 2 and 4. Running statistics from 0 with momentum 0.9: mean 0.1 * 3 = 0.3, std 0.1 * sqrt(2).
     assert context.state["running_mean"].item() == pytest.approx(0.3)
     assert context.state["running_std"].item() == pytest.approx(0.1 * math.sqrt(2))
@@ -118,7 +113,8 @@ def test_registered_beta_dpo_first_step_by_hand(tmp_path):
     assert output.metrics["beta"].tolist() == pytest.approx([0.235, 0.235])
     assert output.losses.tolist() == pytest.approx([_softplus(-0.47), _softplus(-0.94)])
     # Evaluation reads the state without updating it
-    evaluation = compute_registered_loss("beta_dpo", _pairs([0.0], [-1.0]), config, _context(context.state, False))
+    evaluation = compute_dpo_loss("beta_dpo", replace(_pairs([0.0], [-1.0]), context=_context(context.state, False)),
+                                  config)
     assert context.state["running_mean"].item() == pytest.approx(0.3)
     assert evaluation.metrics["beta"].item() == pytest.approx(0.1 * (1 + 0.5 * (1 - 0.3)))
 
@@ -138,7 +134,7 @@ def test_degenerate_settings_are_dpo_exactly(tmp_path, fields):
     lengths = torch.randint(1, 50, (2, 64), generator=generator).double()
     zeros = torch.zeros(64, dtype=torch.float64)
     batch = PreferenceLogps(chosen, rejected, zeros, zeros, *lengths)
-    output = compute_registered_loss(fields["loss_type"], batch, _config(tmp_path, **fields), _context())
+    output = compute_dpo_loss(fields["loss_type"], replace(batch, context=_context()), _config(tmp_path, **fields))
     # trl.DPOTrainer's sigmoid: -F.logsigmoid(self.beta * delta_score)
     assert torch.equal(output.losses, -F.logsigmoid(0.1 * (chosen - rejected)))
 

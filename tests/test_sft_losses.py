@@ -1,18 +1,14 @@
-"""KL-SFT and IFT math of `trl_ext.losses`, against numbers computed by hand."""
+"""KL-SFT and IFT math (`trl_ext.losses.kl_sft`, `trl_ext.losses.ift`) and the unpacking of packed rows, against
+numbers computed by hand."""
 
 import math
 
 import pytest
 import torch
 
-from trl_ext.losses import (
-    ift_loss,
-    ift_mix_embeddings,
-    relation_propagation_weights,
-    sq_logratio_penalty,
-    token_kl_penalty,
-    unpack_sequences,
-)
+from trl_ext.losses.ift import ift_loss, ift_mix_embeddings, relation_propagation_weights
+from trl_ext.losses.kl_sft import sq_logratio_penalty, token_kl_penalty
+from trl_ext.trainers.packed import unpack_sequences
 
 MASK = torch.tensor([[1.0, 1.0, 0.0]])  # two target tokens, then padding
 

@@ -1,12 +1,20 @@
 """trl-ext: extra preference and SFT losses as drop-in subclasses of TRL's trainers."""
 
 from .citations import Citation
-from .dpo import DPOConfig, DPOTrainer
-from .dpo_losses import LossContext, PreferenceLogps, PreferenceLossOutput, register_dpo_loss, registered_dpo_losses
 from .embedded import resolve_model_name
 from .generation_eval import GenerationEvalCallback
-from .sft import SFTConfig, SFTTrainer
-from .sft_losses import SFTLogps, SFTLossOutput, register_sft_loss, registered_sft_losses
+from .losses import (
+    LossContext,
+    PreferenceLogps,
+    PreferenceLossOutput,
+    SFTLogps,
+    SFTLossOutput,
+    register_dpo_loss,
+    register_sft_loss,
+    registered_dpo_losses,
+    registered_sft_losses,
+)
+from .trainers import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 __version__ = "0.1.0"
 

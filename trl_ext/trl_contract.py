@@ -127,6 +127,16 @@ PRIVATE_METHODS = (
 MODEL_CARD_PAPER_KEYS = ("title", "id", "citation")
 
 
+def model_card_paper_of_class(trainer_class: type) -> dict:
+    """The paper a TRL trainer class cites in its model card (`_paper`)."""
+    return trainer_class._paper
+
+
+def set_model_card_paper(trainer: transformers.Trainer, paper: dict) -> None:
+    """Makes `trainer`'s next model card cite `paper` (keys `MODEL_CARD_PAPER_KEYS`) instead of its class's."""
+    trainer._paper = paper
+
+
 def check_private_methods() -> None:
     problems = [problem for method in PRIVATE_METHODS if (problem := method.problem()) is not None]
     if problems:

@@ -9,7 +9,7 @@ Every `trl_ext.DPOConfig`, `trl.ModelConfig` and `trl.ScriptArguments` field is 
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from ..dpo import DPOConfig, DPOTrainer
+from ..trainers import DPOConfig, DPOTrainer
 from .common import GenerationEvalArguments, load_train_and_eval, model_init_kwargs, reward_summary, train_and_save
 
 ARGUMENTS = (ScriptArguments, DPOConfig, ModelConfig, GenerationEvalArguments)

@@ -9,7 +9,7 @@ learned; `--model_name_or_path` a hub id, a local directory or `embedded:smollm2
 
 from trl import ModelConfig, ScriptArguments, TrlParser
 
-from ..sft import SFTConfig, SFTTrainer
+from ..trainers import SFTConfig, SFTTrainer
 from .common import GenerationEvalArguments, load_train_and_eval, model_init_kwargs, train_and_save
 
 ARGUMENTS = (ScriptArguments, SFTConfig, ModelConfig, GenerationEvalArguments)

@@ -12,7 +12,7 @@ import torch
 from accelerate.utils import is_peft_model, tqdm
 from datasets import Dataset
 
-from .trl_contract import add_fused_lm_head, create_reference_model, disable_gradient_checkpointing, use_adapter
+from ..trl_contract import add_fused_lm_head, create_reference_model, disable_gradient_checkpointing, use_adapter
 
 REFERENCE_ADAPTER = "ref"
 

@@ -1,7 +1,8 @@
-"""Drop-in `SFTConfig` / `SFTTrainer` that add the losses registered in `trl_ext.sft_losses` to TRL's `nll` and `dft`.
+"""Drop-in `SFTConfig` / `SFTTrainer` that add the losses registered with `trl_ext.register_sft_loss` to TRL's `nll`
+and `dft`.
 
-This module holds the configuration, its validation and the loss dispatch; the registry and KL-SFT's penalty live in
-`sft_losses.py`, the reference model in `sft_reference.py`, IFT's two passes in `ift.py`.
+This module holds the configuration, its validation and the loss dispatch; the losses live in `trl_ext.losses`, the
+reference model in `reference.py`, IFT's first pass in `ift_inputs.py`.
 """
 
 import contextlib
@@ -14,20 +15,22 @@ import trl
 from datasets import Dataset, IterableDataset
 from peft import PeftModel
 
-from . import citations
-from .data import warn_if_words_glue
-from .embedded import resolve_model_and_args
-from .saving import SavesLoadableModels
-from .ift import check_parameters_are_whole
+from ..citations import Citation
+from ..data import warn_if_words_glue
+from ..embedded import resolve_model_and_args
+from ..losses import SFTLogps, compute_sft_loss, registered_sft_loss, registered_sft_losses
+from ..losses.kl_sft import KL_PENALTIES
+from .ift_inputs import check_parameters_are_whole, ift_inputs
+from .model_card import CitesItsLosses
 from .packed import rows_per_sequence
-from .sft_losses import KL_PENALTIES, SFTLogps, SFTLossOutput, registered_sft_loss, registered_sft_losses
-from .sft_reference import (
+from .reference import (
     build_reference,
     keep_starting_adapter_as_reference,
     precompute_reference_logps,
     reference_token_logps,
 )
-from .trl_contract import (
+from .saving import SavesLoadableModels
+from ..trl_contract import (
     TRL_SFT_LOSS_CHOICES,
     TRL_SFT_LOSS_TYPES,
     ExpectedForward,
@@ -205,7 +208,7 @@ def _as_trl_loss_type(args: trl.SFTConfig):
         args.loss_type = loss_type
 
 
-class SFTTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.SFTTrainer):
+class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
     """
     [`trl.SFTTrainer`] with the SFT losses registered with [`register_sft_loss`] (`kl_sft`, `ift` and the user's).
     Same constructor as TRL's plus `ref_model` (used by losses with a reference, such as `kl_sft`).
@@ -246,7 +249,7 @@ class SFTTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.SFTTrainer):
             eval_dataset = _chosen_as_completion(eval_dataset, "eval")
         with _as_trl_loss_type(args):
             super().__init__(model, args, data_collator, train_dataset, eval_dataset, *trainer_args, **trainer_kwargs)
-        if registered is not None and registered.extra_pass:
+        if registered is not None and registered.ift_inputs:
             check_parameters_are_whole(self, args.loss_type)
         self.ref_model = build_reference(self, ref_model) if uses_reference else None
         if args.precompute_ref_log_probs:
@@ -266,16 +269,20 @@ class SFTTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.loss_type in TRL_SFT_LOSS_TYPES:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        registered = registered_sft_loss(self.args.loss_type)
-        if registered.extra_pass:
-            return registered.fn(self, model, inputs, return_outputs, num_items_in_batch)
-        return self._loss_added_to_nll(registered, model, inputs, return_outputs, num_items_in_batch)
+        return self.registered_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def _loss_added_to_nll(self, registered, model, inputs, return_outputs, num_items_in_batch):
-        """TRL's NLL plus the batch mean of a registered loss computed from the log-probs of TRL's forward."""
+    def registered_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The loss registered as `loss_type`, computed from the log-probs of TRL's forward (on IFT's mixed inputs if
+        it asks for them): its batch mean added to TRL's NLL, or in its place."""
+        name = self.args.loss_type
+        registered = registered_sft_loss(name)
         inputs = dict(inputs)
         precomputed = inputs.pop("ref_token_logps", None)
-        result, fused_output = self.trl_compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ift = None
+        if registered.ift_inputs:
+            ift = ift_inputs(self.model, self.accelerator.unwrap_model(model), inputs, self.args, self.state.global_step)
+        result, fused_output = self.trl_compute_loss(model, ift.mixed_inputs if ift else inputs, return_outputs,
+                                                     num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         policy_token_logps, mask = fused_output.log_probs, fused_output.label_mask
         ref_token_logps = None
@@ -287,15 +294,19 @@ class SFTTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.SFTTrainer):
         rows = rows_per_sequence(inputs, mask, policy_token_logps,
                                  *([ref_token_logps] if ref_token_logps is not None else []))
         batch = SFTLogps(policy_token_logps=rows[1], ref_token_logps=rows[2] if len(rows) > 2 else None, mask=rows[0],
-                         nll=nll_sum / num_tokens)
-        output = registered.fn(batch, self.args)
-        if not isinstance(output, SFTLossOutput):  # plain `(S,)` per-sequence values
-            output = SFTLossOutput(output)
-        loss = loss + self.batch_mean(output.losses) / self.accumulation_divisor(num_items_in_batch)
-        self.log_means(output.metrics)
+                         nll=nll_sum / num_tokens,
+                         teacher_forced_token_nll=ift.teacher_forced_token_nll if ift else None,
+                         teacher_forced_mask=ift.teacher_forced_mask if ift else None)
+        output = compute_sft_loss(name, batch, self.args)
+        registered_mean = self.batch_mean(output.losses) / self.accumulation_divisor(num_items_in_batch)
+        loss = registered_mean if registered.replaces_nll else loss + registered_mean
+        metrics = dict(output.metrics)
+        if ift:
+            metrics["ift/lambda"] = torch.tensor([ift.ift_lambda], device=mask.device)
+        self.log_means(metrics)
         return (loss, outputs) if return_outputs else loss
 
-    def loss_papers(self) -> list[citations.Citation]:
+    def loss_papers(self) -> list[Citation]:
         """The paper of the registered loss in `loss_type`, if it has one (TRL cites none for its SFT losses)."""
         if self.args.loss_type in TRL_SFT_LOSS_TYPES or registered_sft_loss(self.args.loss_type).citation is None:
             return []

@@ -1,4 +1,4 @@
-"""Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered in `trl_ext.dpo_losses` to TRL's."""
+"""Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered with `trl_ext.register_dpo_loss` to TRL's."""
 
 import contextlib
 import math
@@ -9,18 +9,20 @@ import torch
 import trl
 from datasets import Dataset, IterableDataset
 
-from . import citations, dpo_variants, sdpo, tdpo  # noqa: F401  (dpo_variants, tdpo register their losses)
-from .data import warn_if_words_glue
-from .dpo_losses import (
+from .. import citations
+from ..data import warn_if_words_glue
+from ..embedded import resolve_model_and_args
+from ..losses import (
     LossContext,
     PreferenceLogps,
-    compute_registered_loss,
+    compute_dpo_loss,
     registered_dpo_loss,
     registered_dpo_losses,
 )
-from .embedded import resolve_model_and_args
+from . import stepwise_dpo, vocabulary_kl
+from .model_card import CitesItsLosses
 from .saving import SavesLoadableModels
-from .trl_contract import (
+from ..trl_contract import (
     TRL_DPO_CHOSEN_METRICS,
     TRL_DPO_LOSS_TYPES,
     ExpectedForward,
@@ -159,7 +161,7 @@ def _record_nothing(*models):
 LOSS_STATE_FILE = "trl_ext_loss_state.pt"
 
 
-class DPOTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.DPOTrainer):
+class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
     """
     [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (trl_ext's and the
     user's), and trains in sDPO stages. Same constructor, datasets, metrics and reference-model handling as TRL's.
@@ -187,10 +189,10 @@ class DPOTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.DPOTrainer):
         self.vocabulary_kl_losses = [name for name, _ in self.extension_losses
                                      if registered_dpo_loss(name).vocabulary_kl]
         if self.vocabulary_kl_losses:
-            tdpo.check_plain_lm_head(self.model, self.vocabulary_kl_losses)
+            vocabulary_kl.check_plain_lm_head(self.model, self.vocabulary_kl_losses)
         if getattr(self.args, "sdpo_stages", 1) > 1:  # a `trl.DPOConfig` has no stages
-            sdpo.check_stages_can_run(self)
-            self.add_callback(sdpo.StagewiseReference(self))
+            stepwise_dpo.check_stages_can_run(self)
+            self.add_callback(stepwise_dpo.StagewiseReference(self))
 
     # Set when a dataset without `chosen` got the placeholder: no metric of the chosen completions is logged then
     chosen_is_placeholder = False
@@ -206,7 +208,7 @@ class DPOTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.stage_reference_logps is not None:
-            inputs = sdpo.with_stage_reference_logps(inputs, self.stage_reference_logps, self.model.training)
+            inputs = stepwise_dpo.with_stage_reference_logps(inputs, self.stage_reference_logps, self.model.training)
         result = self._compute_losses(model, inputs, return_outputs)
         if self.chosen_is_placeholder:
             mode = "train" if self.model.training else "eval"
@@ -231,14 +233,15 @@ class DPOTrainer(SavesLoadableModels, citations.CitesItsLosses, trl.DPOTrainer):
         self._check_forwards(inputs, fused_outputs, policy_has_grad)
         batch = self._preference_logps(inputs, fused_outputs)
         if self.vocabulary_kl_losses:
-            chosen_token_kl, rejected_token_kl = tdpo.token_kls(self, inputs, hidden_states)
+            chosen_token_kl, rejected_token_kl = vocabulary_kl.token_kls(self, inputs, hidden_states)
             batch = replace(batch, chosen_token_kl=chosen_token_kl, rejected_token_kl=rejected_token_kl)
         mode = "train" if self.model.training else "eval"
         for name, weight in self.extension_losses:
-            context = None
+            loss_batch = batch
             if name in self.loss_states:
                 context = LossContext(self.loss_states[name], mode == "train", self.accelerator.gather)
-            output = compute_registered_loss(name, batch, self.args, context)
+                loss_batch = replace(batch, context=context)
+            output = compute_dpo_loss(name, loss_batch, self.args)
             loss = loss + output.losses.mean() * weight
             for key, value in output.metrics.items():
                 gathered = self.accelerator.gather(value.detach().float())

@@ -1,25 +1,26 @@
-"""IFT's two passes (Intuitive Fine-Tuning, Hua et al. 2024) on top of `trl.SFTTrainer.compute_loss`.
+"""IFT's first pass, for losses registered with `ift_inputs=True` (Intuitive Fine-Tuning, Hua et al. 2024).
 
 Pass 1, without gradient, predicts every completion token from its prefix. Its prediction's embedding is mixed into
-the next input (the temporal residual connection). Pass 2 is TRL's own forward on the mixed inputs; its per-token
-NLL, weighted by relation propagation, is the loss.
+the next input (the temporal residual connection). Pass 2 is TRL's own forward on the mixed inputs, whose per-token
+log-probs the registered loss (`trl_ext.losses.ift`) weights by relation propagation.
 """
+
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import is_peft_model
 from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-from . import citations, losses
+from ..losses.ift import ift_mix_embeddings
+from ..trl_contract import disable_gradient_checkpointing
 from .packed import rows_per_sequence
-from .sft_losses import register_sft_loss
-from .trl_contract import disable_gradient_checkpointing
 
 # Rows of (positions x vocabulary) logits the first pass holds at once
 PREDICTION_CHUNK = 256
 SHARDED_PARAMETERS_MESSAGE = (
     "`loss_type='{}'` does not support FSDP or DeepSpeed ZeRO-3: it runs a pass outside the model's forward (IFT's "
     "first pass reads the embedding matrix and runs the backbone and LM head), where these keep the parameters "
-    "sharded. Use DDP (`accelerate_configs/multi_gpu.yaml`) or ZeRO-2 (`accelerate_configs/deepspeed_zero2.yaml`)."
+    "sharded. Use DDP (`distributed_type: MULTI_GPU` in the accelerate config) or DeepSpeed ZeRO-2 (`zero_stage: 2`)."
 )
 
 
@@ -77,36 +78,34 @@ def predict_next_embeddings(
     return predicted_embeds, token_nll
 
 
-@register_sft_loss("ift", extra_pass=True, citation=citations.IFT)
-def ift_compute_loss(trainer, model, inputs, return_outputs: bool, num_items_in_batch):
-    """IFT's loss for `trl_ext.SFTTrainer.compute_loss`: both passes, the relation-propagation loss, and its metrics."""
-    # Every target position but a row's first gets a mixed input. Its prediction comes from the previous position,
-    # which then lies in the same sequence (TRL's padding-free collator already ignores the label of each packed
-    # sequence's first token). The first completion token is mixed too, predicted from the prompt's last token.
-    mix_mask = inputs["labels"] != -100
-    mix_mask[:, 0] = False
-    ift_lambda = current_ift_lambda(trainer.args, trainer.state.global_step)
-    unwrapped = trainer.accelerator.unwrap_model(model)
+@dataclass(frozen=True)
+class IFTInputs:
+    """What IFT's first pass makes of a batch: the inputs of TRL's forward (the ground-truth embeddings mixed with the
+    predicted ones at `ift_lambda`), and the teacher-forced NLL of each mixed position, as per-sequence rows with their
+    mask (`trl_ext.losses.SFTLogps.teacher_forced_*`)."""
+
+    mixed_inputs: dict
+    teacher_forced_token_nll: torch.Tensor
+    teacher_forced_mask: torch.Tensor
+    ift_lambda: float
+
+
+def ift_inputs(model, unwrapped, inputs: dict, args, global_step: int) -> IFTInputs:
+    """Runs IFT's first pass on `inputs` (without gradient, checkpointing off) and mixes its predictions in.
+
+    Every target position but a row's first gets a mixed input. Its prediction comes from the previous position,
+    which then lies in the same sequence (TRL's padding-free collator already ignores the label of each packed
+    sequence's first token). The first completion token is mixed too, predicted from the prompt's last token.
+    """
     if isinstance(model, FullyShardedDataParallel) or isinstance(unwrapped, FSDPModule):  # wrapped after start-up
         raise ValueError(SHARDED_PARAMETERS_MESSAGE.format("ift"))
-
-    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
-        predicted_embeds, teacher_forced_nll = predict_next_embeddings(
-            unwrapped, inputs, mix_mask, trainer.args.ift_prediction
-        )
+    mix_mask = inputs["labels"] != -100
+    mix_mask[:, 0] = False
+    ift_lambda = current_ift_lambda(args, global_step)
+    with torch.no_grad(), disable_gradient_checkpointing(model, args.gradient_checkpointing_kwargs):
+        predicted_embeds, teacher_forced_nll = predict_next_embeddings(unwrapped, inputs, mix_mask, args.ift_prediction)
     teacher_forced_mask, teacher_forced_nll = rows_per_sequence(inputs, mix_mask, teacher_forced_nll, shifted=False)
     token_embeds = unwrapped.get_input_embeddings()(inputs["input_ids"])
     mixed_inputs = {key: value for key, value in inputs.items() if key != "input_ids"}
-    mixed_inputs["inputs_embeds"] = losses.ift_mix_embeddings(token_embeds, predicted_embeds, mix_mask, ift_lambda)
-
-    # TRL's forward on the mixed inputs gives the per-token log-probs and its own metrics; IFT replaces its loss.
-    result, fused_output = trainer.trl_compute_loss(model, mixed_inputs, return_outputs, num_items_in_batch)
-    mask, token_nll = rows_per_sequence(inputs, fused_output.label_mask, -fused_output.log_probs)
-    per_sequence = losses.ift_loss(token_nll, mask, trainer.args.ift_gamma, trainer.args.ift_detach_weights)
-    loss = trainer.batch_mean(per_sequence) / trainer.accumulation_divisor(num_items_in_batch)
-    trainer.log_means({
-        "ift/lambda": torch.tensor([ift_lambda], device=mask.device),
-        "ift/nll_teacher_forced": losses.sequence_mean(teacher_forced_nll, teacher_forced_mask),
-        "ift/nll_mixed": losses.sequence_mean(token_nll, mask),
-    })
-    return (loss, result[1]) if return_outputs else loss
+    mixed_inputs["inputs_embeds"] = ift_mix_embeddings(token_embeds, predicted_embeds, mix_mask, ift_lambda)
+    return IFTInputs(mixed_inputs, teacher_forced_nll, teacher_forced_mask, ift_lambda)

@@ -8,7 +8,7 @@ from accelerate.utils import is_peft_model
 from peft import set_peft_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
 
-from .trl_contract import full_state_dict_while_saving
+from ..trl_contract import full_state_dict_while_saving
 
 logger = logging.getLogger(__name__)
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"  # what PEFT's `save_pretrained` writes

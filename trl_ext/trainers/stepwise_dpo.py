@@ -21,8 +21,8 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
-from .sft_reference import keep_starting_adapter_as_reference
-from .trl_contract import TRLContractError, hash_module
+from ..trl_contract import TRLContractError, hash_module
+from .reference import keep_starting_adapter_as_reference
 
 REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
 # Pairs collated at once to key the recomputed values

@@ -1,17 +1,16 @@
-"""TDPO's per-position KL over the vocabulary, from the hidden states of TRL's own forwards, and TDPO1/TDPO2.
+"""The per-position KL over the vocabulary that losses registered with `vocabulary_kl=True` (TDPO) read, from the
+hidden states of TRL's own forwards.
 
 TRL's fused LM head returns only the label's log-prob (no logits), so the trainer records the last hidden state of
 the same policy and reference forwards (`trl_contract.record_last_hidden_states`) and applies each model's LM head
-again at the completion positions only, in chunks (`preference_losses.sequential_kl`).
+again at the completion positions only, in chunks (`trl_ext.losses.tdpo.sequential_kl`).
 """
 
 import torch
 from accelerate.utils import is_peft_model
 
-from . import citations
-from .dpo_losses import PreferenceLogps, PreferenceLossOutput, check_finite_at_least, register_dpo_loss
-from .preference_losses import sequential_kl, tdpo_loss
-from .trl_contract import TRLContractError, use_adapter
+from ..losses.tdpo import sequential_kl
+from ..trl_contract import TRLContractError, use_adapter
 
 # Positions whose (positions x vocabulary) logits exist at once, per model
 KL_CHUNK = 256
@@ -57,22 +56,3 @@ def token_kls(trainer, inputs, hidden_states: list[torch.Tensor]) -> tuple[torch
     kl = sequential_kl(policy_hidden, ref_hidden.to(policy_hidden.dtype), policy_head, ref_head, KL_CHUNK)
     return kl.new_zeros(mask.shape).masked_scatter(mask, kl).chunk(2)
 
-
-def _tdpo_output(batch: PreferenceLogps, config, alpha: float | None) -> PreferenceLossOutput:
-    chosen_kl = (batch.chosen_token_kl * batch.chosen_mask).sum(1)
-    rejected_kl = (batch.rejected_token_kl * batch.rejected_mask).sum(1)
-    losses = tdpo_loss(batch.margins, chosen_kl, rejected_kl, config.beta, alpha)
-    return PreferenceLossOutput(losses, {"kl_chosen": chosen_kl.detach(), "kl_rejected": rejected_kl.detach()})
-
-
-@register_dpo_loss("tdpo1", citation=citations.TDPO, vocabulary_kl=True)
-def tdpo1(batch: PreferenceLogps, config) -> PreferenceLossOutput:
-    """TDPO1: DPO's margin minus the difference of the sequential KLs of the rejected and chosen completions."""
-    return _tdpo_output(batch, config, alpha=None)
-
-
-@register_dpo_loss("tdpo2", citation=citations.TDPO, vocabulary_kl=True,
-                   validate=lambda config: check_finite_at_least(config, "tdpo_alpha"))
-def tdpo2(batch: PreferenceLogps, config) -> PreferenceLossOutput:
-    """TDPO2: the KL difference weighted by `tdpo_alpha`, the chosen completion's KL without gradient."""
-    return _tdpo_output(batch, config, alpha=config.tdpo_alpha)

@@ -1,0 +1,100 @@
+"""beta-DPO (Wu et al. 2024, "beta-DPO: Direct Preference Optimization with Dynamic beta", as in the authors' code):
+`beta_dpo`, a per-batch beta and outlier pairs filtered, with running margin statistics kept in checkpoints."""
+
+import torch
+import torch.nn.functional as F
+
+from ..citations import arxiv_citation
+from .inputs import PreferenceLogps, PreferenceLossOutput
+from .registry import check_finite_at_least, register_dpo_loss
+
+PAPER = arxiv_citation("wu2024betadpo", "beta-DPO: Direct Preference Optimization with Dynamic beta", "Wu, Junkang",
+                       2024, "2407.08639")
+
+
+def exponential_moving_average(running: torch.Tensor, value: torch.Tensor, momentum: float) -> torch.Tensor:
+    """`momentum * running + (1 - momentum) * value`, the update of beta-DPO's running statistics."""
+    return momentum * running + (1 - momentum) * value
+
+
+def beta_dpo_filter_mask(
+    margin: torch.Tensor, running_mean: torch.Tensor, running_std: torch.Tensor, filter_ratio: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """beta-DPO's data filtering (sec. 4.2, as in the authors' code): keeps `int(B * (1 - filter_ratio))` pairs (at
+    least 1), drawn without replacement with probability proportional to `exp(-(margin - mean)^2 / (2 * std^2))`, so
+    pairs whose margin is an outlier against the running statistics are the likeliest to be dropped. With a zero
+    `running_std` every pair is equally likely.
+
+    Args:
+        margin: `(B,)` chosen minus rejected log-ratio, without gradient.
+        running_mean, running_std: scalars, the running mean and standard deviation of the margin.
+        filter_ratio: share of the pairs dropped, in [0, 1); the authors' config drops 0.2. `0` keeps every pair.
+
+    Returns:
+        `(B,)` float mask, 1 on the kept pairs.
+    """
+    if filter_ratio == 0:
+        return torch.ones_like(margin)
+    if running_std > 0:
+        weights = torch.exp(-0.5 * ((margin - running_mean) / running_std) ** 2)
+    else:
+        weights = torch.ones_like(margin)
+    weights = weights.clamp(min=torch.finfo(weights.dtype).tiny)  # multinomial needs a positive total
+    kept = max(1, int(margin.numel() * (1 - filter_ratio)))
+    mask = torch.zeros_like(margin)
+    mask[torch.multinomial(weights, kept, replacement=False, generator=generator)] = 1
+    return mask
+
+
+def beta_dpo_beta(batch_margin_mean: torch.Tensor, running_mean: torch.Tensor, beta0: float, alpha: float):
+    """beta-DPO's batch beta, `beta0 * (1 + alpha * (M_batch - M_running))`, clamped at 1e-3 as in the authors'
+    code (a negative beta would reverse the preference). `M_batch` is the mean margin of the kept pairs."""
+    return (beta0 * (1 + alpha * (batch_margin_mean - running_mean))).clamp(min=1e-3)
+
+
+def weighted_sigmoid_loss(margin: torch.Tensor, beta: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
+    """DPO's sigmoid loss at `beta`, zero off `mask` `(B,)` and scaled so that its mean over the batch is the mean
+    over the kept pairs (the authors' `sum(mask * loss) / sum(mask)`)."""
+    return -F.logsigmoid(beta * margin) * mask * mask.numel() / mask.sum().clamp(min=1)
+
+
+def _check_beta_dpo(config) -> None:
+    check_finite_at_least(config, "beta_dpo_alpha")
+    if not 0 <= config.beta_dpo_momentum < 1:
+        raise ValueError(f"`beta_dpo_momentum` must be in [0, 1), got {config.beta_dpo_momentum}.")
+    if not 0 <= config.beta_dpo_filter_ratio < 1:
+        raise ValueError(
+            "`beta_dpo_filter_ratio` must be in [0, 1) (the share of pairs dropped), got "
+            f"{config.beta_dpo_filter_ratio}."
+        )
+
+
+@register_dpo_loss("beta_dpo", citation=PAPER, stateful=True, validate=_check_beta_dpo)
+def beta_dpo(batch: PreferenceLogps, config) -> PreferenceLossOutput:
+    """beta-DPO as in the authors' code: in training, the running mean and standard deviation of the margin (over
+    every process's pairs; zero at the start) first take in this batch; then `beta_dpo_filter_ratio` of the pairs
+    are dropped, preferring outliers; the batch beta is `beta * (1 + beta_dpo_alpha * (mean kept margin - running
+    mean))`, without gradient. Evaluation uses the running statistics without updating them and keeps every pair, so
+    its loss is repeatable and draws nothing from the training's random stream (the authors' code updates the
+    statistics and filters on evaluation batches too)."""
+    margin = batch.margins.detach()
+    context = batch.context
+    state = context.state
+    if context.training:
+        gathered = context.gather(margin).float()
+        std = gathered.std() if gathered.numel() > 1 else gathered.new_zeros(())
+        momentum = config.beta_dpo_momentum
+        state["running_mean"] = exponential_moving_average(state.get("running_mean", 0.0), gathered.mean(), momentum)
+        state["running_std"] = exponential_moving_average(state.get("running_std", 0.0), std, momentum)
+    running_mean = state.get("running_mean", margin.new_zeros(()))
+    running_std = state.get("running_std", margin.new_zeros(()))
+    filter_ratio = config.beta_dpo_filter_ratio if context.training else 0.0
+    mask = beta_dpo_filter_mask(margin, running_mean, running_std, filter_ratio)
+    kept_margin = context.gather(margin * mask).sum() / context.gather(mask).sum().clamp(min=1)
+    beta = beta_dpo_beta(kept_margin, running_mean, config.beta, config.beta_dpo_alpha)
+    losses = weighted_sigmoid_loss(batch.margins, beta, mask)
+    per_pair = torch.ones_like(margin)
+    metrics = {"beta": beta * per_pair, "kept": mask, "running_mean": running_mean * per_pair,
+               "running_std": running_std * per_pair}
+    return PreferenceLossOutput(losses, metrics)
