@@ -230,7 +230,8 @@ def test_sdpo_with_precomputed_reference_trains_as_on_the_fly(tiny_model_dir, pr
                 batch = trainer._prepare_inputs(trainer.data_collator(rows))
                 with torch.no_grad():
                     boundary["expected"] = _sequence_logps(trainer.model, batch)
-                boundary["recomputed"] = [trainer.stage_reference_logps[key] for key in stepwise_dpo.pair_keys(batch)]
+                boundary["recomputed"] = [trainer.stepwise_reference.reference_logps[key]
+                                         for key in stepwise_dpo.pair_keys(batch)]
 
     precomputed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
                              args=make_config(DPOConfig, tmp_path / "precomputed", precompute_ref_log_probs=True,
@@ -266,7 +267,8 @@ def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, 
                     max_steps=3, save_strategy="steps", save_steps=2)
     resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
                          args=make_config(DPOConfig, tmp_path / "resumed", sdpo_stages=3, max_steps=3))
-    with pytest.raises(ValueError, match=r"Resuming sDPO from step 2, past the stage boundary at step 1"):
+    with pytest.raises(ValueError, match=r"Resuming stepwise DPO \(`sdpo_stages`\) from step 2, past the stage boundary at "
+                                         r"step 1"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
     assert trainer.state.global_step == 3
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from .scorers import Generations, Scorer, adds_special_tokens, prompt_texts
-from .trl_contract import unwrap_model_for_generation
+from .trl_contract import log_sample_table, log_without_flushing_metrics, unwrap_model_for_generation
 
 SAMPLES_KEY = "eval_gen/samples"
 
@@ -135,12 +135,7 @@ class GenerationEvalCallback(TrainerCallback):
         if accelerator.is_main_process:
             self._write_jsonl(generations)
             self._log_samples(generations)
-        # transformers' own `log`, not TRL's override: TRL's flushes its buffered training metrics into every log
-        # call, which would split the training metrics' averaging window at each evaluation. A log clears
-        # `should_log`, which this step's training log (after `on_step_end`) still needs.
-        should_log = trainer.control.should_log
-        transformers.Trainer.log(trainer, dict(scores))
-        trainer.control.should_log = should_log
+        log_without_flushing_metrics(trainer, dict(scores))
         return scores
 
     def _write_jsonl(self, generations: Generations) -> None:
@@ -153,14 +148,4 @@ class GenerationEvalCallback(TrainerCallback):
         """The first `num_samples` prompts and completions, to the trackers that show tables or text."""
         rows = [[generations.step, str(prompt), completion] for prompt, completion in
                 list(zip(generations.prompts, generations.completions))[: self.num_samples]]
-        columns = ["step", "prompt", "completion"]
-        for callback in self.trainer.callback_handler.callbacks:
-            kind = type(callback).__name__
-            if kind == "WandbCallback" and callback._wandb.run is not None:
-                callback._wandb.log({SAMPLES_KEY: callback._wandb.Table(columns=columns, data=rows)})
-            elif kind == "TrackioCallback" and callback._initialized:
-                callback._trackio.log({SAMPLES_KEY: callback._trackio.Table(columns=columns, data=rows)})
-            elif kind == "TensorBoardCallback" and callback.tb_writer is not None:
-                table = "\n".join(["| step | prompt | completion |", "| --- | --- | --- |"]
-                                  + [f"| {step} | {prompt!r} | {completion!r} |" for step, prompt, completion in rows])
-                callback.tb_writer.add_text(SAMPLES_KEY, table, generations.step)
+        log_sample_table(self.trainer, SAMPLES_KEY, ["step", "prompt", "completion"], rows, generations.step)

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from packaging.requirements import Requirement
 from packaging.version import Version
 from torch.distributed.fsdp import StateDictType
+from transformers.integrations import TensorBoardCallback, TrackioCallback, WandbCallback
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 # The helpers trl_ext calls. `trl.experimental` promises no stability (hence its warning, silenced here: the contract
@@ -125,6 +126,66 @@ PRIVATE_METHODS = (
 # Both trainers cite the papers of the losses they trained through `_paper`, the dictionary TRL's
 # `create_model_card` reads (keys `title`, `id`, `citation`) and each TRL trainer class sets.
 MODEL_CARD_PAPER_KEYS = ("title", "id", "citation")
+
+
+def metric_mode(trainer: transformers.Trainer) -> str:
+    """Which of TRL's metric stores a step logs to: `"train"` while the model trains, else `"eval"`."""
+    return "train" if trainer.model.training else "eval"
+
+
+def log_metric(trainer: transformers.Trainer, key: str, value: float) -> None:
+    """Adds `value` to the metrics TRL's trainers log at the next `log` (`_metrics`: the mean of each key's list)."""
+    trainer._metrics[metric_mode(trainer)][key].append(value)
+
+
+def drop_metrics(trainer: transformers.Trainer, keys: tuple[str, ...]) -> None:
+    """Removes `keys` from the metrics TRL's trainer is about to log for this step."""
+    for key in keys:
+        trainer._metrics[metric_mode(trainer)].pop(key, None)
+
+
+def log_without_flushing_metrics(trainer: transformers.Trainer, logs: dict[str, float]) -> None:
+    """Logs `logs` through transformers' `Trainer.log`, stepping past TRL's override, which flushes its buffered
+    training metrics into every log call (splitting their averaging window). Keeps `control.should_log`, which a log
+    clears and this step's training log may still need."""
+    should_log = trainer.control.should_log
+    transformers.Trainer.log(trainer, logs)
+    trainer.control.should_log = should_log
+
+
+def log_sample_table(trainer: transformers.Trainer, key: str, columns: list[str], rows: list[list], step: int) -> None:
+    """Logs a table under `key` to the trackers of `trainer` that show one: a table to W&B and trackio, markdown text
+    to TensorBoard (through transformers' callbacks' private handles on their clients)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, WandbCallback) and callback._wandb.run is not None:
+            callback._wandb.log({key: callback._wandb.Table(columns=columns, data=rows)})
+        elif isinstance(callback, TrackioCallback) and callback._initialized:
+            callback._trackio.log({key: callback._trackio.Table(columns=columns, data=rows)})
+        elif isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+            table = "\n".join([f"| {' | '.join(columns)} |", "|" + " --- |" * len(columns)]
+                              + ["| " + " | ".join(repr(cell) if isinstance(cell, str) else str(cell) for cell in row)
+                                 + " |" for row in rows])
+            callback.tb_writer.add_text(key, table, step)
+
+
+def prepare_inputs(trainer: transformers.Trainer, batch: dict) -> dict:
+    """`batch` on the trainer's device, as the Trainer prepares every batch it steps on (`_prepare_inputs`)."""
+    return trainer._prepare_inputs(batch)
+
+
+def keep_signature_column(trainer: transformers.Trainer, column: str) -> None:
+    """Keeps `column` through transformers' pruning of the dataset columns the model's forward does not take
+    (`_signature_columns`); call it from an override of `_set_signature_columns_if_needed`, after the original."""
+    if column not in trainer._signature_columns:
+        trainer._signature_columns = [*trainer._signature_columns, column]
+
+
+def precompute_ref_logps_again(trainer: trl.DPOTrainer, reference: torch.nn.Module, datasets) -> list:
+    """Runs TRL's precompute of the reference log-probs (`_precompute_ref_logps`) over `(dataset, name, batch_size)`
+    triples with `reference`'s weights, after keying TRL's on-disk cache on them (`_precompute_model_hash`): the key
+    is the hash of the weights taken at init, so the cache would otherwise return the old reference's values."""
+    trainer._precompute_model_hash = hash_module(reference)
+    return [trainer._precompute_ref_logps(dataset, name, batch_size) for dataset, name, batch_size in datasets]
 
 
 def model_card_paper_of_class(trainer_class: type) -> dict:

@@ -20,6 +20,7 @@ from ..losses import (
     registered_dpo_losses,
 )
 from . import stepwise_dpo, vocabulary_kl
+from .metrics import log_means
 from .model_card import CitesItsLosses
 from .saving import SavesLoadableModels
 from ..trl_contract import (
@@ -29,6 +30,7 @@ from ..trl_contract import (
     FusedCausalLMOutput,
     check_recorded_forwards,
     default_bf16_to_what_the_machine_supports,
+    drop_metrics,
     record_fused_outputs,
     record_last_hidden_states,
 )
@@ -67,9 +69,10 @@ class DPOConfig(trl.DPOConfig):
         tdpo_alpha (`float`, *optional*, defaults to `0.5`):
             TDPO2's weight of the sequential-KL difference (the authors' code: 0.5), >= 0.
         sdpo_stages (`int`, *optional*, defaults to `1`):
-            sDPO: split training into this many equal stages of optimizer steps; at each stage boundary the current
-            policy becomes the reference (with `precompute_ref_log_probs`, its log-probs are precomputed again).
-            Works with any `loss_type`; `1` is plain training.
+            Stepwise DPO (sDPO, Kim et al. 2024; not TRL's Self-Distillation Policy Optimization): split training
+            into this many equal stages of optimizer steps; at each stage boundary the current policy becomes the
+            reference (with `precompute_ref_log_probs`, its log-probs are precomputed again). Works with any
+            `loss_type`; `1` is plain training.
     """
 
     dpop_lambda: float = field(
@@ -88,7 +91,8 @@ class DPOConfig(trl.DPOConfig):
     )
     tdpo_alpha: float = field(default=0.5, metadata={"help": "TDPO2's weight of the sequential-KL difference."})
     sdpo_stages: int = field(
-        default=1, metadata={"help": "sDPO stages: the policy becomes the reference at each boundary (1: plain)."}
+        default=1, metadata={"help": "Stepwise DPO (sDPO, Kim et al. 2024) stages: the policy becomes the reference at "
+                                    "each boundary (1: plain training)."}
     )
 
     def __post_init__(self):
@@ -164,7 +168,7 @@ LOSS_STATE_FILE = "trl_ext_loss_state.pt"
 class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
     """
     [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (trl_ext's and the
-    user's), and trains in sDPO stages. Same constructor, datasets, metrics and reference-model handling as TRL's.
+    user's), and trains in stepwise DPO (sDPO) stages. Same constructor, datasets, metrics and reference-model handling as TRL's.
 
     TRL computes its own loss types and every metric exactly as it would alone; trl_ext's losses are computed from the
     per-sequence log-probs of the same forward passes, added with their `loss_weights`, and log their extra
@@ -192,12 +196,13 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
             vocabulary_kl.check_plain_lm_head(self.model, self.vocabulary_kl_losses)
         if getattr(self.args, "sdpo_stages", 1) > 1:  # a `trl.DPOConfig` has no stages
             stepwise_dpo.check_stages_can_run(self)
-            self.add_callback(stepwise_dpo.StagewiseReference(self))
+            self.stepwise_reference = stepwise_dpo.StepwiseReference(self)
+            self.add_callback(self.stepwise_reference)
 
     # Set when a dataset without `chosen` got the placeholder: no metric of the chosen completions is logged then
     chosen_is_placeholder = False
-    # sDPO with precomputed reference log-probs: those of the current stage's reference, set at each boundary
-    stage_reference_logps = None
+    # Stepwise DPO's stage references (`sdpo_stages > 1`)
+    stepwise_reference = None
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if _check_preference_columns(dataset, dataset_name, args):
@@ -207,13 +212,11 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        if self.stage_reference_logps is not None:
-            inputs = stepwise_dpo.with_stage_reference_logps(inputs, self.stage_reference_logps, self.model.training)
+        if self.stepwise_reference is not None:
+            inputs = self.stepwise_reference.with_stage_reference_logps(inputs, self.model.training)
         result = self._compute_losses(model, inputs, return_outputs)
         if self.chosen_is_placeholder:
-            mode = "train" if self.model.training else "eval"
-            for key in TRL_DPO_CHOSEN_METRICS:
-                self._metrics[mode].pop(key, None)
+            drop_metrics(self, TRL_DPO_CHOSEN_METRICS)
         return result
 
     def _compute_losses(self, model, inputs, return_outputs):
@@ -235,17 +238,16 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
         if self.vocabulary_kl_losses:
             chosen_token_kl, rejected_token_kl = vocabulary_kl.token_kls(self, inputs, hidden_states)
             batch = replace(batch, chosen_token_kl=chosen_token_kl, rejected_token_kl=rejected_token_kl)
-        mode = "train" if self.model.training else "eval"
+        metrics = {}
         for name, weight in self.extension_losses:
             loss_batch = batch
             if name in self.loss_states:
-                context = LossContext(self.loss_states[name], mode == "train", self.accelerator.gather)
+                context = LossContext(self.loss_states[name], self.model.training, self.accelerator.gather)
                 loss_batch = replace(batch, context=context)
             output = compute_dpo_loss(name, loss_batch, self.args)
             loss = loss + output.losses.mean() * weight
-            for key, value in output.metrics.items():
-                gathered = self.accelerator.gather(value.detach().float())
-                self._metrics[mode][f"{name}/{key}"].append(gathered.mean().item())
+            metrics.update({f"{name}/{key}": value for key, value in output.metrics.items()})
+        log_means(self, metrics)
         return (loss, outputs) if return_outputs else loss
 
     def _check_forwards(self, inputs, fused_outputs: list[FusedCausalLMOutput], policy_has_grad: bool) -> None:

@@ -12,7 +12,13 @@ import torch
 from accelerate.utils import is_peft_model, tqdm
 from datasets import Dataset
 
-from ..trl_contract import add_fused_lm_head, create_reference_model, disable_gradient_checkpointing, use_adapter
+from ..trl_contract import (
+    add_fused_lm_head,
+    create_reference_model,
+    disable_gradient_checkpointing,
+    prepare_inputs,
+    use_adapter,
+)
 
 REFERENCE_ADAPTER = "ref"
 
@@ -85,7 +91,7 @@ def _with_reference_logps(trainer, dataset: Dataset) -> Dataset:
     rows = []
     progress_off = trainer.args.disable_tqdm or not trainer.is_local_process_zero()
     for batch in tqdm(loader, desc="Computing reference log-probs", disable=progress_off):
-        batch = trainer._prepare_inputs(batch)
+        batch = prepare_inputs(trainer, batch)
         token_logps = reference_token_logps(trainer, batch).cpu()
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         rows += [row[: length - 1].tolist() for row, length in zip(token_logps, lengths, strict=True)]

@@ -21,6 +21,7 @@ from ..embedded import resolve_model_and_args
 from ..losses import SFTLogps, compute_sft_loss, registered_sft_loss, registered_sft_losses
 from ..losses.kl_sft import KL_PENALTIES
 from .ift_inputs import check_parameters_are_whole, ift_inputs
+from .metrics import log_means
 from .model_card import CitesItsLosses
 from .packed import rows_per_sequence
 from .reference import (
@@ -36,6 +37,7 @@ from ..trl_contract import (
     ExpectedForward,
     check_recorded_forwards,
     default_bf16_to_what_the_machine_supports,
+    keep_signature_column,
     loss_is_scaled_for_gradient_accumulation,
     record_fused_outputs,
 )
@@ -263,8 +265,8 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self.args.precompute_ref_log_probs and "ref_token_logps" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "ref_token_logps"]
+        if self.args.precompute_ref_log_probs:
+            keep_signature_column(self, "ref_token_logps")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.args.loss_type in TRL_SFT_LOSS_TYPES:
@@ -303,7 +305,7 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
         metrics = dict(output.metrics)
         if ift:
             metrics["ift/lambda"] = torch.tensor([ift.ift_lambda], device=mask.device)
-        self.log_means(metrics)
+        log_means(self, metrics)
         return (loss, outputs) if return_outputs else loss
 
     def loss_papers(self) -> list[Citation]:
@@ -339,16 +341,6 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
             return per_sequence.mean()
         count = torch.tensor(per_sequence.numel(), device=per_sequence.device)
         return per_sequence.sum() * processes / self.accelerator.gather(count).sum().clamp(min=1)
-
-    def log_means(self, values: dict[str, torch.Tensor]) -> None:
-        """Logs the mean of each per-sequence tensor over the sequences of every process. Packed rows hold different
-        numbers of sequences on different processes, so each gathers its sum and count, which all-gather can take."""
-        mode = "train" if self.model.training else "eval"
-        for key, value in values.items():
-            value = value.detach().float()
-            sum_and_count = torch.stack([value.sum(), torch.tensor(float(value.numel()), device=value.device)])
-            total, count = self.accelerator.gather(sum_and_count).view(-1, 2).sum(dim=0)
-            self._metrics[mode][key].append((total / count.clamp(min=1)).item())
 
 
 def _chosen_as_completion(dataset, dataset_name: str):

@@ -1,5 +1,5 @@
-"""sDPO (Kim et al. 2024, "sDPO: Don't Use Your Data All at Once"): training in stages, each against the policy as
-the previous stage left it.
+"""Stepwise DPO (sDPO, Kim et al. 2024, "sDPO: Don't Use Your Data All at Once"): training in stages, each against
+the policy as the previous stage left it. (Not TRL's `trl.experimental.sdpo`, Self-Distillation Policy Optimization.)
 
 `sdpo_stages=N` splits the run's optimizer steps into `N` equal stages (the data of each stage is the next part of
 the shuffled dataset, so with at most one epoch the stages see disjoint data, as in the paper's partition). At each
@@ -11,8 +11,8 @@ training.
 With `precompute_ref_log_probs=True`, TRL's precompute runs again at each boundary, with the new reference (the
 policy itself under full fine-tuning), over the train and eval datasets. The train dataloader was built for the
 epoch, and prefetches, so the new values cannot reach it through the dataset: the trainer replaces the batch's
-`ref_chosen_logps` / `ref_rejected_logps` by the recomputed values of the same pairs, found by content
-(`pair_keys`): the reference log-probs are a function of the token ids and the completion mask alone.
+`ref_chosen_logps` / `ref_rejected_logps` by the recomputed values of the same pairs (`StepwiseReference`), found by
+content (`pair_keys`): the reference log-probs are a function of the token ids and the completion mask alone.
 """
 
 import hashlib
@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
-from ..trl_contract import TRLContractError, hash_module
+from ..trl_contract import TRLContractError, precompute_ref_logps_again
 from .reference import keep_starting_adapter_as_reference
 
 REFERENCE_COLUMNS = ["ref_chosen_logps", "ref_rejected_logps"]
@@ -38,43 +38,40 @@ def check_stages_can_run(trainer) -> None:
     """Refuses, before training, the setups whose reference trl_ext cannot replace by the policy."""
     stages = trainer.args.sdpo_stages
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        raise ValueError(f"`sdpo_stages={stages}` is not supported under FSDP or DeepSpeed, whose sharded weights it "
-                         "cannot copy into the reference: use DDP.")
+        raise ValueError(f"`sdpo_stages={stages}` (stepwise DPO) is not supported under FSDP or DeepSpeed, whose "
+                         "sharded weights it cannot copy into the reference: use DDP, or `sdpo_stages=1`.")
     if trainer.ref_model is not None and is_peft_model(trainer.model):
-        raise ValueError(f"`sdpo_stages={stages}` with a PEFT policy uses its adapter as the next reference: do not "
-                         "pass a separate `ref_model`.")
+        raise ValueError(f"`sdpo_stages={stages}` (stepwise DPO) with a PEFT policy uses its adapter as the next "
+                         "reference: do not pass a separate `ref_model`.")
 
 
-def use_policy_as_reference(trainer) -> None:
-    """Makes the reference of the following steps the policy as it is now."""
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    if trainer.ref_model is not None:
-        trainer.accelerator.unwrap_model(trainer.ref_model).load_state_dict(policy.state_dict())
+def use_policy_as_reference(accelerator, policy, ref_model) -> None:
+    """Makes the reference of the following steps the policy as it is now: `ref_model` takes its weights, or a PEFT
+    policy's `"ref"` adapter its trained one. Under full fine-tuning with precomputed reference log-probs there is no
+    reference model: TRL's precompute runs the policy itself."""
+    policy = accelerator.unwrap_model(policy)
+    if ref_model is not None:
+        accelerator.unwrap_model(ref_model).load_state_dict(policy.state_dict())
     elif is_peft_model(policy):
         keep_starting_adapter_as_reference(policy)
-    # else: precomputed reference log-probs under full fine-tuning, which TRL computes with the policy itself
-    if trainer.precompute_ref_logps:
-        trainer.stage_reference_logps = recompute_reference_logps(trainer)
 
 
 def recompute_reference_logps(trainer) -> dict[bytes, tuple[float, float]]:
     """The reference log-probs `(chosen, rejected)` of every pair of the train and eval datasets under the reference
-    as it is now, by `pair_keys`, computed by TRL's `_precompute_ref_logps`."""
-    # TRL caches the values on disk under the hash of the dataset and of the reference's weights taken at init: hash
-    # the new reference, so a cache is reused only for these very weights (and `evaluate()` precomputes against them).
-    reference = trainer.ref_model or trainer.model
-    trainer._precompute_model_hash = hash_module(trainer.accelerator.unwrap_model(reference))
+    as it is now, by `pair_keys`, computed by TRL's precompute (its on-disk cache keyed on the new weights, so that
+    `evaluate()` precomputes against them too)."""
     args = trainer.args
     datasets = [("train", trainer.train_dataset, args.precompute_ref_batch_size or args.per_device_train_batch_size)]
     eval_datasets = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"eval": trainer.eval_dataset}
     datasets += [(name, dataset, args.precompute_ref_batch_size or args.per_device_eval_batch_size)
                  for name, dataset in eval_datasets.items() if dataset is not None]
     policy = trainer.accelerator.unwrap_model(trainer.model)
+    reference = trainer.accelerator.unwrap_model(trainer.ref_model or trainer.model)
     training = policy.training
     policy.eval()  # as at init: no dropout in the reference's log-probs
     try:
-        recomputed = [trainer._precompute_ref_logps(dataset.remove_columns(REFERENCE_COLUMNS), name, batch_size)
-                      for name, dataset, batch_size in datasets]
+        recomputed = precompute_ref_logps_again(trainer, reference, [
+            (dataset.remove_columns(REFERENCE_COLUMNS), name, batch_size) for name, dataset, batch_size in datasets])
     finally:
         policy.train(training)
     lookup = {}
@@ -102,42 +99,50 @@ def _bytes(row: torch.Tensor) -> bytes:
     return len(row).to_bytes(8, "little") + row.to(torch.int64).numpy().tobytes()
 
 
-def with_stage_reference_logps(inputs: dict, lookup: dict[bytes, tuple[float, float]], training: bool) -> dict:
-    """`inputs` with the reference log-probs recomputed at the last stage boundary. A pair missing from them is an
-    error in training; in evaluation it comes from a dataset passed to `evaluate()`, which TRL precomputed then, with
-    the current reference, so its values stay."""
-    chosen, rejected = inputs["ref_chosen_logps"].clone(), inputs["ref_rejected_logps"].clone()
-    for index, key in enumerate(pair_keys(inputs)):
-        if key in lookup:
-            chosen[index], rejected[index] = lookup[key]
-        elif training:
-            raise TRLContractError(
-                "A training pair has no reference log-probs recomputed at the sDPO stage boundary: the batches no "
-                "longer hold the tokens the train dataset was collated to."
-            )
-    return {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
-
-
-class StagewiseReference(TrainerCallback):
-    """Replaces the reference by the policy at each stage boundary."""
+class StepwiseReference(TrainerCallback):
+    """Makes the policy the reference at each stage boundary, and holds that stage's recomputed reference log-probs
+    (with `precompute_ref_log_probs`) for `with_stage_reference_logps`."""
 
     def __init__(self, trainer):
         self.trainer = trainer
+        self.reference_logps: dict[bytes, tuple[float, float]] | None = None  # by `pair_keys`
 
     def on_train_begin(self, args, state, control, **kwargs):
         # `global_step` is the checkpoint's when resuming. At a boundary, the policy it holds is that stage's reference.
         boundaries = stage_boundaries(state.max_steps, args.sdpo_stages)
         if state.global_step in boundaries:
-            use_policy_as_reference(self.trainer)
+            self.start_stage()
         passed = [step for step in boundaries if step < state.global_step]
         if passed:
             raise ValueError(
-                f"Resuming sDPO from step {state.global_step}, past the stage boundary at step {passed[-1]}: that "
-                "stage's reference (the policy at the boundary) is not in the checkpoint. Resume from a checkpoint of "
-                "the first stage, or restart the run."
+                f"Resuming stepwise DPO (`sdpo_stages`) from step {state.global_step}, past the stage boundary at step "
+                f"{passed[-1]}: that stage's reference (the policy at the boundary) is not in the checkpoint. Resume "
+                "from a checkpoint of the first stage, or restart the run."
             )
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step in stage_boundaries(state.max_steps, args.sdpo_stages):
-            use_policy_as_reference(self.trainer)
+            self.start_stage()
 
+    def start_stage(self) -> None:
+        trainer = self.trainer
+        use_policy_as_reference(trainer.accelerator, trainer.model, trainer.ref_model)
+        if trainer.precompute_ref_logps:
+            self.reference_logps = recompute_reference_logps(trainer)
+
+    def with_stage_reference_logps(self, inputs: dict, training: bool) -> dict:
+        """`inputs` with the reference log-probs recomputed at the last stage boundary, if any. A pair missing from
+        them is an error in training; in evaluation it comes from a dataset passed to `evaluate()`, which TRL
+        precomputed then, with the current reference, so its values stay."""
+        if self.reference_logps is None:
+            return inputs
+        chosen, rejected = inputs["ref_chosen_logps"].clone(), inputs["ref_rejected_logps"].clone()
+        for index, key in enumerate(pair_keys(inputs)):
+            if key in self.reference_logps:
+                chosen[index], rejected[index] = self.reference_logps[key]
+            elif training:
+                raise TRLContractError(
+                    "A training pair has no reference log-probs recomputed at the stepwise DPO stage boundary: the "
+                    "batches no longer hold the tokens the train dataset was collated to."
+                )
+        return {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
