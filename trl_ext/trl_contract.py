@@ -270,6 +270,13 @@ def lm_backbone(model: torch.nn.Module) -> torch.nn.Module:
     return causal_lm.base_model
 
 
+def attention_implementation(model: torch.nn.Module) -> str:
+    """The attention implementation `model` runs: `"sdpa"`, `"eager"`, `"flex_attention"`, `"flash_attention_2"`, ...
+    (transformers keeps it in `config._attn_implementation`)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.config._attn_implementation
+
+
 @contextlib.contextmanager
 def record_last_hidden_states(accelerator: Accelerator, *models: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collects, in call order, the `last_hidden_state` `(B, L, H)` of every backbone forward of `models` (with its

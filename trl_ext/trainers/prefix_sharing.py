@@ -1,0 +1,160 @@
+"""Prefix sharing (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing", arXiv
+2410.20305): each preference pair's prompt goes through the model once instead of twice.
+
+TRL's DPO runs each model on `[chosen; rejected]` rows, `2B` rows of `L` positions, so every prompt is computed twice.
+With prefix sharing the model's backbone runs instead on `B` shared rows `[prefix | chosen rest | rejected rest]`: the
+longest common prefix of the pair's two rows (the prompt, and any completion tokens the two share) once, then the
+rest of each row, with an attention mask in which each rest sees the prefix and its own earlier tokens but never the
+other rest, and position ids that restart where the prefix ends for the rejected rest. Every position then computes
+exactly what it computes in its own row. The backbone's last hidden states are gathered back into TRL's `(2B, L)`
+rows, so TRL's fused LM head, its losses and metrics, and trl_ext's losses run unchanged on the same numbers.
+
+The rewrite happens at the backbone's boundary, by forward hooks, only inside `PrefixSharing.active()` (the trainer
+opens it around TRL's loss and reference precompute): generation and every other forward are untouched.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..trl_contract import TRLContractError, attention_implementation, lm_backbone
+
+PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, 3
+# Attention implementations that take the custom mask shared rows need (`attn_implementation`)
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+@dataclass(frozen=True)
+class SharedRows:
+    """A batch of `B` pairs laid out one row per pair, `S` positions, and the way back to TRL's `2B` rows.
+
+    `input_ids`, `position_ids`, `segments` (`PREFIX`, `CHOSEN`, `REJECTED` or `PADDING` at each position) are
+    `(B, S)`; `source` is `(2B, L)`: for each position of TRL's rows, its index in the flattened `(B * S)` shared
+    positions (a padding position points at a real one of its pair: TRL ignores what it holds).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    source: torch.Tensor
+
+
+def share_prefixes(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> SharedRows:
+    """Lays TRL's right-padded `[chosen; rejected]` rows out one row per pair.
+
+    Args:
+        input_ids: `(2B, L)` the chosen rows, then the rejected rows of the same pairs, right-padded.
+        attention_mask: `(2B, L)` 1 on real tokens.
+
+    Returns:
+        The [`SharedRows`]: pair `i` is `chosen[:s] + chosen[s:lc] + rejected[s:lr]`, `s` the length of the longest
+        common prefix of its two rows, `lc` and `lr` their lengths, padded on the right to the longest pair.
+    """
+    pairs, width = input_ids.size(0) // 2, input_ids.size(1)
+    chosen, rejected = input_ids[:pairs], input_ids[pairs:]
+    chosen_length, rejected_length = attention_mask.sum(dim=1).view(2, pairs)
+    same = (chosen == rejected) & attention_mask[:pairs].bool() & attention_mask[pairs:].bool()
+    prefix = same.long().cumprod(dim=1).sum(dim=1)  # (B,)
+    shared_length = chosen_length + rejected_length - prefix
+    positions = torch.arange(int(shared_length.max()), device=input_ids.device).expand(pairs, -1)
+
+    in_rejected = positions >= chosen_length[:, None]
+    # Index into the pair's own TRL row: chosen positions as they are, rejected ones shifted back by the chosen rest
+    rejected_index = (positions - chosen_length[:, None] + prefix[:, None]).clamp(0, width - 1)
+    chosen_index = positions.clamp(max=width - 1)
+    shared_ids = torch.where(in_rejected, rejected.gather(1, rejected_index), chosen.gather(1, chosen_index))
+    position_ids = torch.where(in_rejected, rejected_index, positions)
+    segments = torch.full_like(positions, PADDING)
+    segments = torch.where(positions < shared_length[:, None], REJECTED, segments)
+    segments = torch.where(positions < chosen_length[:, None], CHOSEN, segments)
+    segments = torch.where(positions < prefix[:, None], PREFIX, segments)
+    position_ids = torch.where(segments == PADDING, 0, position_ids)
+
+    # TRL position t of the chosen row is shared position t; of the rejected row, t before the prefix's end, else the
+    # rejected rest's start (the chosen row's end) plus t - prefix. Padding points at the row's last real token.
+    row_positions = torch.arange(width, device=input_ids.device).expand(pairs, -1)
+    chosen_source = row_positions.clamp(max=chosen_length[:, None] - 1)
+    rejected_source = torch.where(row_positions < prefix[:, None], row_positions,
+                                  chosen_length[:, None] + row_positions - prefix[:, None])
+    rejected_source = rejected_source.clamp(max=shared_length[:, None] - 1)
+    row_start = torch.arange(pairs, device=input_ids.device)[:, None] * positions.size(1)
+    source = torch.cat([chosen_source + row_start, rejected_source + row_start])
+    return SharedRows(shared_ids, position_ids, segments, source)
+
+
+def allowed_attention(segments: torch.Tensor) -> torch.Tensor:
+    """`(B, 1, S, S)` bool: query `q` may attend key `k` when `k <= q` and `k` is in the prefix or in `q`'s own
+    segment. Padding attends padding (never a real token), so no query row is fully masked."""
+    positions = torch.arange(segments.size(1), device=segments.device)
+    causal = positions[None, :] <= positions[:, None]
+    same_or_prefix = (segments[:, None, :] == PREFIX) | (segments[:, None, :] == segments[:, :, None])
+    return (causal & same_or_prefix)[:, None]
+
+
+def attention_mask_for(rows: SharedRows, implementation: str, dtype: torch.dtype):
+    """The attention mask of `rows` in the form `implementation` takes: a boolean mask for SDPA, an additive float
+    mask for eager attention, a block-sparse `BlockMask` for FlexAttention (blocks no query may see are skipped)."""
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        segments = rows.segments
+
+        def mask_mod(batch, head, query, key):
+            key_segment = segments[batch, key]
+            return (key <= query) & ((key_segment == PREFIX) | (key_segment == segments[batch, query]))
+
+        size = segments.size(1)
+        return create_block_mask(mask_mod, segments.size(0), None, size, size, device=segments.device)
+    allowed = allowed_attention(rows.segments)
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                          torch.finfo(dtype).min)
+    return allowed
+
+
+def unshare(hidden_states: torch.Tensor, rows: SharedRows) -> torch.Tensor:
+    """`(B, S, H)` hidden states of the shared rows, gathered into TRL's `(2B, L, H)` rows (differentiable: a prefix
+    position's gradient is the sum of its two rows')."""
+    flat = hidden_states.reshape(-1, hidden_states.size(-1))
+    return flat.index_select(0, rows.source.reshape(-1)).view(*rows.source.shape, -1)
+
+
+class PrefixSharing:
+    """Runs the backbones of `models` on shared rows while `active()` is open, handing back TRL's rows."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        self.backbones = list({id(backbone): backbone for backbone in map(lm_backbone, models)}.values())
+        self.implementation = attention_implementation(models[0])
+        self.pending: list[SharedRows] = []
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        handles = [hook for backbone in self.backbones for hook in (
+            backbone.register_forward_pre_hook(self._share, with_kwargs=True),
+            backbone.register_forward_hook(self._unshare),
+        )]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.pending.clear()
+
+    def _share(self, module, args, kwargs):
+        input_ids, attention_mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+        if args or input_ids is None or attention_mask is None or attention_mask.dim() != 2 \
+                or kwargs.get("position_ids") is not None or input_ids.size(0) % 2:
+            raise TRLContractError(
+                "prefix sharing expected TRL's backbone forward on `[chosen; rejected]` rows (`input_ids` and a 2D "
+                "`attention_mask` by keyword, no `position_ids`), but got another call: set `prefix_sharing=False`."
+            )
+        rows = share_prefixes(input_ids, attention_mask)
+        self.pending.append(rows)
+        mask = attention_mask_for(rows, self.implementation, module.dtype)
+        return args, {**kwargs, "input_ids": rows.input_ids, "attention_mask": mask, "position_ids": rows.position_ids}
+
+    def _unshare(self, module, args, output):
+        output.last_hidden_state = unshare(output.last_hidden_state, self.pending.pop())
+        return output
