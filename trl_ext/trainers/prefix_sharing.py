@@ -158,3 +158,59 @@ class PrefixSharing:
     def _unshare(self, module, args, output):
         output.last_hidden_state = unshare(output.last_hidden_state, self.pending.pop())
         return output
+
+
+def check_prefix_sharing_can_run(model: torch.nn.Module, max_length: int | None, aux_loss_enabled: bool) -> None:
+    """Refuses, before training, what shared rows cannot reproduce exactly: attention that takes no custom mask,
+    prompt-learning PEFT (its virtual tokens come first in every row), a sliding window the rows may exceed, MoE
+    load-balancing losses (their token counts would change), vision-language models (their image tokens), and a model
+    whose forward ignores the mask or the position ids (a probe on a short synthetic pair, when the weights are here).
+    """
+    fix = "or set `prefix_sharing=False`."
+    implementation = attention_implementation(model)
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(f"`prefix_sharing=True` needs an attention implementation that takes a custom mask "
+                         f"({', '.join(SUPPORTED_ATTENTION)}); this model runs `{implementation}`. Load it with "
+                         f"`attn_implementation='sdpa'` (`model_init_kwargs` or `--attn_implementation sdpa`), {fix}")
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        raise ValueError(f"`prefix_sharing=True` cannot share prompts under prompt-learning PEFT "
+                         f"(`{peft_config.peft_type}`), which puts virtual tokens before each row: use LoRA, {fix}")
+    config = model.config
+    text_config = config.get_text_config()
+    if text_config is not config:
+        raise ValueError(f"`prefix_sharing=True` supports text-only models; `{config.model_type}` also reads images: "
+                         f"{fix}")
+    window = getattr(text_config, "sliding_window", None)
+    if window is not None and getattr(text_config, "use_sliding_window", True) and (max_length or window + 1) > window:
+        raise ValueError(f"`prefix_sharing=True` builds one attention mask for all layers, without this model's "
+                         f"sliding window of {window} tokens: set `max_length` <= {window}, {fix}")
+    if aux_loss_enabled:
+        raise ValueError(f"`prefix_sharing=True` would change the token counts of the MoE load-balancing loss "
+                         f"(`router_aux_loss_coef`): {fix}")
+    if not any(parameter.device.type == "meta" or parameter.numel() == 0 for parameter in model.parameters()):
+        _probe(model, fix)
+
+
+def _probe(model: torch.nn.Module, fix: str) -> None:
+    """Refuses a model whose shared forward differs from its plain one on a short synthetic pair."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[1, 2, 3, 4, 5, 0], [1, 2, 3, 6, 7, 8]], device=device)
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]], device=device)
+    backbone = lm_backbone(model)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            plain = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            with PrefixSharing([model]).active():
+                shared = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        model.train(training)
+    real = attention_mask.bool()
+    plain, shared = plain[real].float(), shared[real].float()
+    tolerance = (1e-4 if plain.dtype == torch.float32 and backbone.dtype == torch.float32 else 5e-2)
+    if (shared - plain).abs().max() > tolerance * max(1.0, plain.abs().max().item()):
+        raise ValueError(f"`prefix_sharing=True`: this model's forward does not honour the custom attention mask and "
+                         f"position ids of shared rows (a probe pair's hidden states differ from its plain forward's), "
+                         f"{fix}")
