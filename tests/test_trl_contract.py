@@ -3,7 +3,13 @@
 When a TRL or transformers upgrade breaks one, the failing test's name says which assumption broke.
 """
 
+import importlib.metadata
+import os
 import re
+import subprocess
+import sys
+import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,25 +47,58 @@ from .conftest import LORA, make_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_supported_range_is_declared_once_in_pyproject():
-    """The range trl_ext enforces is the installed distribution's, i.e. pyproject's (reinstall if this fails)."""
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    declared = Requirement(re.search(r'^\s*"(trl[<>=!~ ].*?)"', pyproject, re.MULTILINE).group(1))
-    assert trl_contract.supported_trl_requirement() == declared
+def test_installed_metadata_declares_the_packages_requirements():
+    """pyproject's dependencies are read from `trl_ext/requirements.txt`, the file trl_ext checks at import: the
+    installed distribution declares exactly those (reinstall with `pip install -e .` if this fails)."""
+    installed = [Requirement(line) for line in importlib.metadata.requires("trl-ext") if ";" not in line]
+    assert installed == list(trl_contract.declared_requirements().values())
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["trl_ext/requirements.txt"]}
+    assert "requirements.txt" in pyproject["tool"]["setuptools"]["package-data"]["trl_ext"]  # shipped in the wheel
 
 
-def test_installed_trl_is_supported():
-    trl_contract.check_trl_version()
+def test_installed_trl_and_transformers_are_supported():
+    trl_contract.check_versions()
 
 
-def test_unsupported_trl_is_refused_naming_the_range(monkeypatch):
+@pytest.mark.parametrize("name", ["trl", "transformers"])
+def test_unsupported_release_is_refused_naming_the_range(monkeypatch, name):
+    declared = re.escape(str(trl_contract.declared_requirements()[name]))
     monkeypatch.delenv(trl_contract.ALLOW_UNSUPPORTED_ENV, raising=False)
-    with pytest.raises(ImportError, match=r"trl_ext supports `trl.*`, but trl 9\.0\.0 is installed.*"
+    with pytest.raises(ImportError, match=rf"trl_ext supports `{declared}`, but {name} 0\.1\.0 is installed\. "
+                                          rf"Install a supported release \(`pip install '{declared}'`\), or set "
                                           r"TRL_EXT_ALLOW_UNSUPPORTED_TRL=1"):
-        trl_contract.check_trl_version("9.0.0")
+        trl_contract.check_version(name, "0.1.0")
     monkeypatch.setenv(trl_contract.ALLOW_UNSUPPORTED_ENV, "1")
-    with pytest.warns(UserWarning, match="trl 9.0.0 is installed"):
-        trl_contract.check_trl_version("9.0.0")
+    with pytest.warns(UserWarning, match=f"{name} 0.1.0 is installed"):
+        trl_contract.check_version(name, "0.1.0")
+
+
+def test_import_refuses_an_unsupported_transformers_without_installed_metadata():
+    """`import trl_ext` reads the declared ranges from the package, not from installed metadata (a checkout on
+    `PYTHONPATH` has none), and checks transformers' release before anything relies on its internals."""
+    script = textwrap.dedent("""
+        import importlib.metadata
+        import transformers
+
+        find_distribution = importlib.metadata.Distribution.from_name.__func__
+
+        def from_name(cls, name):  # as if trl-ext were not installed
+            if name.replace("_", "-").lower() == "trl-ext":
+                raise importlib.metadata.PackageNotFoundError(name)
+            return find_distribution(cls, name)
+
+        importlib.metadata.Distribution.from_name = classmethod(from_name)
+        transformers.__version__ = "4.57.0"
+        import trl_ext
+    """)
+    environment = {key: value for key, value in os.environ.items() if key != trl_contract.ALLOW_UNSUPPORTED_ENV}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    declared = str(trl_contract.declared_requirements()["transformers"])
+    assert result.returncode == 1
+    assert (f"ImportError: trl_ext supports `{declared}`, but transformers 4.57.0 is installed. Install a supported "
+            f"release (`pip install '{declared}'`)") in result.stderr
 
 
 @pytest.mark.parametrize("method", PRIVATE_METHODS, ids=lambda m: f"{m.owner.__name__}.{m.name}")
