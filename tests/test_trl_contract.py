@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from trl_ext import trl_contract
+from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, trl_contract
 from trl_ext.trl_contract import (
     PRIVATE_METHODS,
     TRL_DPO_CHOSEN_METRICS,
@@ -242,10 +242,27 @@ def test_signature_columns_list_what_the_trainer_keeps(tiny_model_dir, preferenc
     assert isinstance(trainer._signature_columns, list) and "input_ids" in trainer._signature_columns
 
 
-def test_trainer_leaves_gradient_accumulation_to_a_loss_scaled_by_num_items():
-    # trl_ext's per-micro-batch means are divided by the accumulation steps exactly when the Trainer does not
-    assert hasattr(transformers.Trainer, "loss_is_scaled_for_ga")
-    assert "loss_is_scaled_for_ga" in transformers.Trainer.training_step.__code__.co_names
+@pytest.mark.parametrize("num_items_in_batch", [None, 40], ids=["no-num-items", "num-items"])
+@pytest.mark.parametrize(("trainer_cls", "config_cls", "loss_type"), [
+    (SFTTrainer, SFTConfig, "nll"), (SFTTrainer, SFTConfig, "kl_sft"), (DPOTrainer, DPOConfig, "dpop"),
+], ids=["sft-nll", "sft-kl_sft", "dpo-dpop"])
+def test_trainer_divides_the_loss_by_the_accumulation_steps_unless_it_is_scaled(
+        tiny_model_dir, preference_dataset, tmp_path, trainer_cls, config_cls, loss_type, num_items_in_batch):
+    """`loss_is_scaled_for_gradient_accumulation` predicts whether `Trainer.training_step` divides the loss by the
+    accumulation steps, in every supported transformers (before 5.19, which added `Trainer.loss_is_scaled_for_ga`,
+    TRL's base trainer maps it onto `model_accepts_loss_kwargs` and `compute_loss_func`): trl_ext divides its
+    per-micro-batch means exactly when the Trainer does not."""
+    steps = 4
+    trainer = trainer_cls(model=tiny_model_dir, train_dataset=preference_dataset, args=make_config(
+        config_cls, tmp_path, loss_type=loss_type, gradient_accumulation_steps=steps))
+    trainer.current_gradient_accumulation_steps = steps  # what the training loop sets before each step
+    inputs = next(iter(trainer.get_train_dataloader()))
+    num_items = None if num_items_in_batch is None else torch.tensor(num_items_in_batch)
+    stepped = trainer.training_step(trainer.model, inputs, num_items)  # the model has no dropout: same loss below
+    computed = trainer.compute_loss(trainer.model, trainer._prepare_inputs(inputs), num_items_in_batch=num_items)
+    divisor = 1 if trl_contract.loss_is_scaled_for_gradient_accumulation(trainer, num_items) else steps
+    assert computed.item() > 0.1
+    assert stepped.item() == pytest.approx(computed.item() / divisor, rel=1e-5)
 
 
 def test_trl_logs_the_mean_of_each_metric_list(tiny_model_dir, preference_dataset, tmp_path):

@@ -163,7 +163,9 @@ def default_bf16_to_what_the_machine_supports(args) -> None:
 
 def loss_is_scaled_for_gradient_accumulation(trainer: transformers.Trainer, num_items_in_batch) -> bool:
     """Whether `Trainer.training_step` leaves gradient accumulation to the loss instead of dividing it by the number of
-    accumulation steps (`loss_is_scaled_for_ga`: when the loss is normalised by `num_items_in_batch`)."""
+    accumulation steps: the trainer's `loss_is_scaled_for_ga` where set (transformers reads it from 5.19 on; below,
+    TRL's base trainer maps it onto the two attributes older releases read), else whether the loss is normalised by
+    `num_items_in_batch`, by the model or by `compute_loss_func`."""
     if trainer.loss_is_scaled_for_ga is not None:
         return trainer.loss_is_scaled_for_ga
     scaled_by_num_items = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
