@@ -3,7 +3,13 @@
 When a TRL or transformers upgrade breaks one, the failing test's name says which assumption broke.
 """
 
+import importlib.metadata
+import os
 import re
+import subprocess
+import sys
+import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +22,7 @@ from accelerate import Accelerator
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from trl_ext import trl_contract
+from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, trl_contract
 from trl_ext.trl_contract import (
     PRIVATE_METHODS,
     TRL_DPO_CHOSEN_METRICS,
@@ -41,25 +47,58 @@ from .conftest import LORA, make_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_supported_range_is_declared_once_in_pyproject():
-    """The range trl_ext enforces is the installed distribution's, i.e. pyproject's (reinstall if this fails)."""
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    declared = Requirement(re.search(r'^\s*"(trl[<>=!~ ].*?)"', pyproject, re.MULTILINE).group(1))
-    assert trl_contract.supported_trl_requirement() == declared
+def test_installed_metadata_declares_the_packages_requirements():
+    """pyproject's dependencies are read from `trl_ext/requirements.txt`, the file trl_ext checks at import: the
+    installed distribution declares exactly those (reinstall with `pip install -e .` if this fails)."""
+    installed = [Requirement(line) for line in importlib.metadata.requires("trl-ext") if ";" not in line]
+    assert installed == list(trl_contract.declared_requirements().values())
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["trl_ext/requirements.txt"]}
+    assert "requirements.txt" in pyproject["tool"]["setuptools"]["package-data"]["trl_ext"]  # shipped in the wheel
 
 
-def test_installed_trl_is_supported():
-    trl_contract.check_trl_version()
+def test_installed_trl_and_transformers_are_supported():
+    trl_contract.check_versions()
 
 
-def test_unsupported_trl_is_refused_naming_the_range(monkeypatch):
+@pytest.mark.parametrize("name", ["trl", "transformers"])
+def test_unsupported_release_is_refused_naming_the_range(monkeypatch, name):
+    declared = re.escape(str(trl_contract.declared_requirements()[name]))
     monkeypatch.delenv(trl_contract.ALLOW_UNSUPPORTED_ENV, raising=False)
-    with pytest.raises(ImportError, match=r"trl_ext supports `trl.*`, but trl 9\.0\.0 is installed.*"
+    with pytest.raises(ImportError, match=rf"trl_ext supports `{declared}`, but {name} 0\.1\.0 is installed\. "
+                                          rf"Install a supported release \(`pip install '{declared}'`\), or set "
                                           r"TRL_EXT_ALLOW_UNSUPPORTED_TRL=1"):
-        trl_contract.check_trl_version("9.0.0")
+        trl_contract.check_version(name, "0.1.0")
     monkeypatch.setenv(trl_contract.ALLOW_UNSUPPORTED_ENV, "1")
-    with pytest.warns(UserWarning, match="trl 9.0.0 is installed"):
-        trl_contract.check_trl_version("9.0.0")
+    with pytest.warns(UserWarning, match=f"{name} 0.1.0 is installed"):
+        trl_contract.check_version(name, "0.1.0")
+
+
+def test_import_refuses_an_unsupported_transformers_without_installed_metadata():
+    """`import trl_ext` reads the declared ranges from the package, not from installed metadata (a checkout on
+    `PYTHONPATH` has none), and checks transformers' release before anything relies on its internals."""
+    script = textwrap.dedent("""
+        import importlib.metadata
+        import transformers
+
+        find_distribution = importlib.metadata.Distribution.from_name.__func__
+
+        def from_name(cls, name):  # as if trl-ext were not installed
+            if name.replace("_", "-").lower() == "trl-ext":
+                raise importlib.metadata.PackageNotFoundError(name)
+            return find_distribution(cls, name)
+
+        importlib.metadata.Distribution.from_name = classmethod(from_name)
+        transformers.__version__ = "4.57.0"
+        import trl_ext
+    """)
+    environment = {key: value for key, value in os.environ.items() if key != trl_contract.ALLOW_UNSUPPORTED_ENV}
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    declared = str(trl_contract.declared_requirements()["transformers"])
+    assert result.returncode == 1
+    assert (f"ImportError: trl_ext supports `{declared}`, but transformers 4.57.0 is installed. Install a supported "
+            f"release (`pip install '{declared}'`)") in result.stderr
 
 
 @pytest.mark.parametrize("method", PRIVATE_METHODS, ids=lambda m: f"{m.owner.__name__}.{m.name}")
@@ -203,10 +242,27 @@ def test_signature_columns_list_what_the_trainer_keeps(tiny_model_dir, preferenc
     assert isinstance(trainer._signature_columns, list) and "input_ids" in trainer._signature_columns
 
 
-def test_trainer_leaves_gradient_accumulation_to_a_loss_scaled_by_num_items():
-    # trl_ext's per-micro-batch means are divided by the accumulation steps exactly when the Trainer does not
-    assert hasattr(transformers.Trainer, "loss_is_scaled_for_ga")
-    assert "loss_is_scaled_for_ga" in transformers.Trainer.training_step.__code__.co_names
+@pytest.mark.parametrize("num_items_in_batch", [None, 40], ids=["no-num-items", "num-items"])
+@pytest.mark.parametrize(("trainer_cls", "config_cls", "loss_type"), [
+    (SFTTrainer, SFTConfig, "nll"), (SFTTrainer, SFTConfig, "kl_sft"), (DPOTrainer, DPOConfig, "dpop"),
+], ids=["sft-nll", "sft-kl_sft", "dpo-dpop"])
+def test_trainer_divides_the_loss_by_the_accumulation_steps_unless_it_is_scaled(
+        tiny_model_dir, preference_dataset, tmp_path, trainer_cls, config_cls, loss_type, num_items_in_batch):
+    """`loss_is_scaled_for_gradient_accumulation` predicts whether `Trainer.training_step` divides the loss by the
+    accumulation steps, in every supported transformers (before 5.19, which added `Trainer.loss_is_scaled_for_ga`,
+    TRL's base trainer maps it onto `model_accepts_loss_kwargs` and `compute_loss_func`): trl_ext divides its
+    per-micro-batch means exactly when the Trainer does not."""
+    steps = 4
+    trainer = trainer_cls(model=tiny_model_dir, train_dataset=preference_dataset, args=make_config(
+        config_cls, tmp_path, loss_type=loss_type, gradient_accumulation_steps=steps))
+    trainer.current_gradient_accumulation_steps = steps  # what the training loop sets before each step
+    inputs = next(iter(trainer.get_train_dataloader()))
+    num_items = None if num_items_in_batch is None else torch.tensor(num_items_in_batch)
+    stepped = trainer.training_step(trainer.model, inputs, num_items)  # the model has no dropout: same loss below
+    computed = trainer.compute_loss(trainer.model, trainer._prepare_inputs(inputs), num_items_in_batch=num_items)
+    divisor = 1 if trl_contract.loss_is_scaled_for_gradient_accumulation(trainer, num_items) else steps
+    assert computed.item() > 0.1
+    assert stepped.item() == pytest.approx(computed.item() / divisor, rel=1e-5)
 
 
 def test_trl_logs_the_mean_of_each_metric_list(tiny_model_dir, preference_dataset, tmp_path):

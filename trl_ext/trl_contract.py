@@ -3,19 +3,19 @@
 trl-ext subclasses TRL's trainers instead of forking them, so it leans on a few things TRL does not promise to keep:
 private methods it overrides, the layout of the fused-LM-head forwards it records, helpers under
 `trl.experimental`, and transformers' `_signature_columns`. They are all imported or described here. Importing
-`trl_ext` under a TRL release outside the range `pyproject.toml` declares raises an error (set
-`TRL_EXT_ALLOW_UNSUPPORTED_TRL=1` to go on at your own risk), and an overridden private method that changed shape
+`trl_ext` under a TRL or transformers release outside the range `trl_ext/requirements.txt` declares raises an error
+(set `TRL_EXT_ALLOW_UNSUPPORTED_TRL=1` to go on at your own risk), and an overridden private method that changed shape
 raises at import whatever the version. `tests/test_trl_contract.py` checks each assumption on its own, so an upgrade
 that breaks one fails there, by name.
 """
 
 import contextlib
-import importlib.metadata
 import inspect
 import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 import transformers
@@ -44,6 +44,9 @@ from trl.trainer.utils import (  # noqa: F401
 )
 
 ALLOW_UNSUPPORTED_ENV = "TRL_EXT_ALLOW_UNSUPPORTED_TRL"
+REQUIREMENTS_FILE = "requirements.txt"
+# The distributions whose internals trl_ext relies on: a release outside the declared range is refused at import.
+CHECKED_AT_IMPORT = {"trl": trl.__version__, "transformers": transformers.__version__}
 
 # The loss types `trl.DPOTrainer` computes itself; trl_ext passes these through untouched. TRL lists them only in
 # `_compute_loss`'s error message, which a contract test compares with this tuple.
@@ -60,29 +63,46 @@ TRL_SFT_LOSS_CHOICES = tuple(trl.SFTConfig.__dataclass_fields__["loss_type"].met
 TRL_SFT_LOSS_TYPES = ("nll", "dft")
 
 
+def declared_requirements() -> dict[str, Requirement]:
+    """trl-ext's runtime dependencies by name, as declared once in `trl_ext/requirements.txt` (which `pyproject.toml`
+    reads too): read from the package itself, so a checkout on `PYTHONPATH` needs no installed metadata."""
+    lines = (line.split("#")[0].strip() for line in resources.files(__package__).joinpath(REQUIREMENTS_FILE)
+             .read_text().splitlines())
+    return {(requirement := Requirement(line)).name: requirement for line in lines if line}
+
+
 def supported_trl_requirement() -> Requirement:
-    """The `trl` requirement of the installed trl-ext distribution: the range declared once, in `pyproject.toml`."""
-    try:
-        requirements = importlib.metadata.requires("trl-ext") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ImportError("trl_ext is not installed; install it with `pip install -e .` from its checkout.") from None
-    return next(Requirement(line) for line in requirements if Requirement(line).name == "trl")
+    """The `trl` range trl-ext supports."""
+    return declared_requirements()["trl"]
 
 
-def check_trl_version(version: str = trl.__version__) -> None:
-    """Raises if `version` is outside the supported range, unless `TRL_EXT_ALLOW_UNSUPPORTED_TRL=1` (then warns)."""
-    requirement = supported_trl_requirement()
+def supported_ranges() -> str:
+    """The declared ranges of the distributions checked at import, for error messages."""
+    return ", ".join(f"`{declared_requirements()[name]}`" for name in CHECKED_AT_IMPORT)
+
+
+def check_version(name: str, version: str) -> None:
+    """Raises if `version` of distribution `name` is outside its declared range, unless
+    `TRL_EXT_ALLOW_UNSUPPORTED_TRL=1` (then warns)."""
+    requirement = declared_requirements()[name]
     if requirement.specifier.contains(Version(version), prereleases=True):
         return
     message = (
-        f"trl_ext supports `{requirement}`, but trl {version} is installed. Install a supported release "
+        f"trl_ext supports `{requirement}`, but {name} {version} is installed. Install a supported release "
         f"(`pip install '{requirement}'`), or set {ALLOW_UNSUPPORTED_ENV}=1 to proceed at your own risk: trl_ext "
-        "checks what it records from TRL's forwards and raises rather than train on the wrong tensors."
+        "relies on trl and transformers internals other releases may change (it checks what it records from TRL's "
+        "forwards and raises rather than train on the wrong tensors)."
     )
     if os.environ.get(ALLOW_UNSUPPORTED_ENV) == "1":
         warnings.warn(message, stacklevel=2)
         return
     raise ImportError(message)
+
+
+def check_versions() -> None:
+    """Checks the installed releases of the distributions whose internals trl_ext relies on (`CHECKED_AT_IMPORT`)."""
+    for name, version in CHECKED_AT_IMPORT.items():
+        check_version(name, version)
 
 
 @dataclass(frozen=True)
@@ -203,7 +223,7 @@ def check_private_methods() -> None:
     if problems:
         raise ImportError(
             f"trl_ext cannot work with trl {trl.__version__} / transformers {transformers.__version__}: "
-            + "; ".join(problems) + f". Supported: `{supported_trl_requirement()}`."
+            + "; ".join(problems) + f". Supported: {supported_ranges()}."
         )
 
 
@@ -235,7 +255,9 @@ def full_state_dict_while_saving(fsdp_plugin) -> Iterator[None]:
 
 def loss_is_scaled_for_gradient_accumulation(trainer: transformers.Trainer, num_items_in_batch) -> bool:
     """Whether `Trainer.training_step` leaves gradient accumulation to the loss instead of dividing it by the number of
-    accumulation steps (`loss_is_scaled_for_ga`: when the loss is normalised by `num_items_in_batch`)."""
+    accumulation steps: the trainer's `loss_is_scaled_for_ga` where set (transformers reads it from 5.19 on; below,
+    TRL's base trainer maps it onto the two attributes older releases read), else whether the loss is normalised by
+    `num_items_in_batch`, by the model or by `compute_loss_func`."""
     if trainer.loss_is_scaled_for_ga is not None:
         return trainer.loss_is_scaled_for_ga
     scaled_by_num_items = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
@@ -326,7 +348,7 @@ def check_recorded_forwards(
             f"{caller} was expected to run {len(expected)} fused forward(s) "
             f"({', '.join(forward.role for forward in expected)}), but {what}. trl_ext records its losses from these "
             f"forwards and stops rather than compute on the wrong tensors. Installed: trl {trl.__version__}, "
-            f"transformers {transformers.__version__}; supported: `{supported_trl_requirement()}`."
+            f"transformers {transformers.__version__}; supported: {supported_ranges()}."
         )
 
     if len(recorded) != len(expected):
@@ -344,5 +366,5 @@ def check_recorded_forwards(
 
 
 # Checked at import: an override that silently never runs is the worst way for an upgrade to break trl_ext.
-check_trl_version()
+check_versions()
 check_private_methods()
