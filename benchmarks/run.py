@@ -11,7 +11,9 @@ For each configuration (family x model x sequence length x reference setup):
 - **FLOPs**: of one training step (forward and backward), counted by `torch.utils.flop_counter`; deterministic, so a
   change that adds a forward shows in the ratio exactly, never hidden in timing noise;
 - **step time**: one process builds every contender and steps them in alternation, rotating the order each round;
-  the median optimizer-step time (forward, backward, optimizer step) after the warm-up rounds;
+  the median optimizer-step time (forward, backward, optimizer step) after the warm-up rounds. Each trainer is first
+  run through `Trainer.train` up to its first step, which turns gradient checkpointing on and prepares the model and
+  optimizer as in a user's run;
 - **peak memory**: one fresh process per contender; CPU: the process's peak RSS, GPU:
   `torch.cuda.max_memory_allocated`.
 Ratios are against the TRL baseline of the same configuration (`trl sigmoid` for the DPO family, `trl nll` for
@@ -159,15 +161,42 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
     )
 
 
+class _Prepared(Exception):
+    """Raised from `on_train_begin`: `Trainer.train` has prepared the trainer for its first step."""
+
+
+def prepare_as_train_does(trainer) -> None:
+    """Runs `trainer.train()` up to its first step: gradient checkpointing turned on (transformers does it inside
+    `train`, not `__init__`), the model and optimizer prepared by accelerate (autocast under bf16), as in a user's run."""
+    from transformers import TrainerCallback
+
+    class StopBeforeFirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise _Prepared
+
+    stop = StopBeforeFirstStep()
+    trainer.add_callback(stop)  # last: the trainer's own `on_train_begin` callbacks (sDPO's) run first
+    try:
+        trainer.train()
+    except _Prepared:
+        pass
+    finally:
+        trainer.remove_callback(stop)
+    if trainer.args.gradient_checkpointing and not trainer.model.is_gradient_checkpointing:
+        raise RuntimeError(f"{type(trainer).__name__}: `gradient_checkpointing=True`, but the model `train()` prepared "
+                           "does not checkpoint: the benchmark would not measure the memory users get")
+
+
 def make_step(trainer):
-    """One optimizer step per call, cycling through the trainer's own prepared batches."""
-    trainer.create_optimizer()
-    trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`, which this loop replaces
+    """One optimizer step per call, cycling through the trainer's own prepared batches, on the model and optimizer
+    `Trainer.train` prepares."""
+    prepare_as_train_does(trainer)
+    trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`'s epoch loop, which this loop replaces
     batches = list(trainer.get_train_dataloader())
     calls = iter(range(10**9))
 
     def step():
-        trainer.training_step(trainer.model, batches[next(calls) % len(batches)])
+        trainer.training_step(trainer.model_wrapped, batches[next(calls) % len(batches)])
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
 

@@ -89,6 +89,20 @@ def test_flops_of_a_step_against_trl(tmp_path, family, setup):
     assert 1.15 < ratios["ift greedy"] <= ratios["ift soft"] < 1.5
 
 
+def test_steps_run_with_gradient_checkpointing_as_train_turns_it_on(tmp_path):
+    """transformers turns checkpointing on inside `Trainer.train`, which the benchmark's steps run up to their first
+    step: the model checkpoints, and a step recomputes the policy's decoder layers (more FLOPs than without)."""
+    benchmark = load_benchmark()
+    flops = {}
+    for flag in ([], ["--gradient_checkpointing"]):
+        args = benchmark.parse_args(["--smoke", "--cache", str(tmp_path), *flag])
+        trainer = benchmark.build_trainer("dpo", "dpop", "tiny", 128, "peft", args)
+        step = benchmark.make_step(trainer)
+        assert trainer.model.is_gradient_checkpointing == bool(flag)
+        flops[bool(flag)] = benchmark.step_flops(step)
+    assert flops[True] > flops[False]
+
+
 @pytest.mark.e2e
 def test_gpu_suite_smoke_run(tmp_path):
     """`gpu_suite.py --smoke` on a CPU: every block and the CPU pipeline run; FLOP ratios are exact; what needs CUDA
