@@ -8,8 +8,9 @@ python benchmarks/run.py --flops_only                           # FLOP counts on
 ```
 
 For each configuration (family x model x sequence length x reference setup):
-- **FLOPs**: of one training step (forward and backward), counted by `torch.utils.flop_counter`; deterministic, so a
-  change that adds a forward shows in the ratio exactly, never hidden in timing noise;
+- **FLOPs**: of one training step (forward and backward), counted by `torch.utils.flop_counter` with formulas for
+  what it leaves out (`flop_formulas`); deterministic, so a change that adds a forward shows in the ratio exactly,
+  never hidden in timing noise;
 - **step time**: one process builds every contender and steps them in alternation, rotating the order each round;
   the median optimizer-step time (forward, backward, optimizer step) after the warm-up rounds. Each trainer is first
   run through `Trainer.train` up to its first step, which turns gradient checkpointing on and prepares the model and
@@ -211,20 +212,62 @@ def synchronize():
 
 
 def four_bit_matmul_flops(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
-    """`bitsandbytes::gemv_4bit`: `A (..., K)` times a 4-bit `(N, K)` weight's transpose, as `aten.mm` counts it."""
-    return 2 * math.prod(out_shape) * a_shape[-1]
+    """`bitsandbytes::gemm_4bit` and `::gemv_4bit` (every overload): `A (..., K)` times the transpose of a 4-bit
+    weight of shape `shape_b` `(N, K)`, as `aten.mm` counts it."""
+    n, k = shape_b
+    return 2 * math.prod(a_shape[:-1]) * n * k
+
+
+def addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """`aten.addmm` in every overload, and in place. Torch's own formula takes the positional `out_dtype` of
+    `addmm.dtype_out` for its `out_shape` and fails; `addmm_` it does not count."""
+    from torch.utils.flop_counter import mm_flop
+
+    return mm_flop(a_shape, b_shape)
+
+
+def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                 **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_formulas() -> dict:
+    """Formulas for the products a training step runs that `torch.utils.flop_counter` leaves out or fails on:
+    - bitsandbytes' 4-bit products: `gemm_4bit` computes every forward of a 4-bit layer (policy, reference and
+      checkpointing's recompute) on any device, `gemv_4bit` the CPU's AVX512-BF16 kernel without gradient; their
+      kernels run below the counter. The backward's product is a dequantized `aten.mm`, counted by torch;
+    - `aten.addmm`: TRL's chunked log-prob kernel accumulates the LM head's gradient products with
+      `addmm(out_dtype=float32)` on CUDA in bf16/fp16 and with `addmm_` elsewhere;
+    - the CPU's fused attention, forward and backward, by torch's formulas for the CUDA kernels (without them a CPU
+      counts no attention)."""
+    import bitsandbytes  # noqa: F401: defines torch.ops.bitsandbytes
+    import torch
+
+    aten = torch.ops.aten
+    return {
+        torch.ops.bitsandbytes.gemm_4bit: four_bit_matmul_flops,
+        torch.ops.bitsandbytes.gemv_4bit: four_bit_matmul_flops,
+        aten.addmm: addmm_flops,
+        aten.addmm_: addmm_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops,
+    }
 
 
 def step_flops(step) -> int:
-    """FLOPs of one call of `step` (matrix products and attention: what `torch.utils.flop_counter` counts). On a CPU
-    with AVX512-BF16, a bitsandbytes 4-bit layer run once without gradient (precomputing reference log-probs, say)
-    switches to its own kernel, which the counter does not know: it is counted as the product it computes."""
-    import bitsandbytes  # noqa: F401: defines torch.ops.bitsandbytes
-    import torch
+    """FLOPs of one call of `step`: matrix products and attention, counted by `torch.utils.flop_counter` with
+    `flop_formulas()` for those it leaves out."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    formulas = {torch.ops.bitsandbytes.gemv_4bit: four_bit_matmul_flops}
-    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
+    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
         step()
     return counter.get_total_flops()
 
