@@ -360,6 +360,11 @@ def machine() -> dict:
     }
 
 
+def cell(row: dict, key: str, spec: str) -> str:
+    """`row[key]` formatted, or `-` where the row has no such measure (`--flops_only`, a failed contender)."""
+    return format(row[key], spec) if key in row else "-"
+
+
 def markdown(results: list[dict], info: dict, args) -> str:
     measured = ("FLOPs of one step only (`--flops_only`)." if args.flops_only else
                 f"step time: median of {args.steps} steps after {args.warmup} warm-up; peak memory: over "
@@ -373,9 +378,6 @@ def markdown(results: list[dict], info: dict, args) -> str:
         "memory ratio | target |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    def cell(row, key, spec):  # `--flops_only` rows have no time or memory
-        return format(row[key], spec) if key in row else "-"
-
     for row in results:
         lines.append(
             f"| {row['family']} | {row['model']} | {row['seq_len']} | {row['setup']} | {row['contender']} | "
