@@ -168,7 +168,8 @@ class _Prepared(Exception):
 
 def prepare_as_train_does(trainer) -> None:
     """Runs `trainer.train()` up to its first step: gradient checkpointing turned on (transformers does it inside
-    `train`, not `__init__`), the model and optimizer prepared by accelerate (autocast under bf16), as in a user's run."""
+    `train`, not `__init__`), the model and optimizer prepared by accelerate (autocast under bf16), as in a user's
+    run."""
     from transformers import TrainerCallback
 
     class StopBeforeFirstStep(TrainerCallback):
