@@ -6,7 +6,8 @@ weights, data are synthetic or the shipped stack-exchange sample.
 python benchmarks/gpu_suite.py --quick                  # a CUDA machine: fits 8 minutes on one H200 (planned 6)
 python benchmarks/gpu_suite.py                          # a CUDA machine: the whole suite (planned 13 minutes)
 python benchmarks/gpu_suite.py --parts qlora            # only the 7B-shaped QLoRA benchmark (or: --parts pipeline)
-python benchmarks/gpu_suite.py --smoke [--quick]        # CPU: a tiny Llama shape through the same code, minutes
+python benchmarks/gpu_suite.py --smoke                  # CPU: a tiny Llama shape through the same code, minutes
+python benchmarks/gpu_suite.py --smoke --quick          # CPU: the quick mode's blocks at the tiny shape
 ```
 
 - **qlora**: a Llama-2-7B-shaped model (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000), random
