@@ -3,33 +3,35 @@ accelerate's single-GPU, DeepSpeed and FSDP configs. Nothing is downloaded: mode
 weights, data are synthetic or the shipped stack-exchange sample.
 
 ```bash
-python benchmarks/gpu_suite.py                          # a CUDA machine: the whole suite, about an hour
+python benchmarks/gpu_suite.py --quick                  # a CUDA machine: fits 8 minutes on one H200 (planned 6)
+python benchmarks/gpu_suite.py                          # a CUDA machine: the whole suite (planned 13 minutes)
 python benchmarks/gpu_suite.py --parts qlora            # only the 7B-shaped QLoRA benchmark (or: --parts pipeline)
 python benchmarks/gpu_suite.py --smoke                  # CPU: a tiny Llama shape through the same code, minutes
+python benchmarks/gpu_suite.py --smoke --quick          # CPU: the quick mode's blocks at the tiny shape
 ```
 
 - **qlora**: a Llama-2-7B-shaped model (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000), random
   bf16 weights saved once under `--cache` and loaded in 4-bit NF4 with bf16 compute; LoRA r 8 on q/k/v/o, gradient
-  checkpointing, paged AdamW (32-bit). Three blocks, each against its TRL baseline: the DPO family on 4 pairs x 1024
-  tokens; the SFT family with packing, 4 rows x 1024 tokens of about 250-token sequences; and `kl_sft` with
-  precomputed reference log-probs (which refuses packing) against `nll` on 4 unpacked 1024-token rows. One process per
-  block steps every contender side by side (`benchmarks/run.py`'s paired rounds, FLOPs counted first); peak memory
-  comes from one fresh process per contender: `torch.cuda.max_memory_allocated` and `max_memory_reserved` after the
-  model is loaded and over `--memory_steps` steps (in the side-by-side process every other contender's model is
-  resident too; CUDA only: on a CPU `benchmarks/run.py` measures each process's RSS).
-- **pipeline**: `recipes/llama2_sft.py` (QLoRA SFT, then the merge) and `recipes/llama2_dpo.py --loss_type dpop`
-  through `accelerate launch --config_file accelerate_configs/single_gpu.yaml` on a small random Llama saved
-  locally and `recipes/data/stack_exchange_sample`; then the DPOP step through `deepspeed_zero2.yaml`,
-  `deepspeed_zero3.yaml` and `fsdp.yaml` with one process each. Each step passes when it exits 0, every logged loss is
-  finite, DPOP's `dpop/*` metrics are logged, and the saved adapter loads back and computes finite logits.
+  checkpointing turned on by `Trainer.train` as in a user's run (the workers check it is on), paged AdamW (32-bit).
+  Blocks, each against its TRL baseline: the DPO family on 4 pairs x 1024 tokens; the SFT family with packing, 4 rows
+  x 1024 tokens of about 250-token sequences; and `kl_sft` with precomputed reference log-probs (which refuses
+  packing) against `nll` on 4 unpacked 1024-token rows. `--quick` keeps the first two blocks with three contenders
+  each. One process per block steps every contender side by side (`benchmarks/run.py`'s paired rounds, FLOPs counted
+  first); peak memory comes from one fresh process per contender (`--memory_jobs` at once):
+  `torch.cuda.max_memory_allocated` and `max_memory_reserved` after the model is loaded and over `--memory_steps` steps
+  (CUDA only: on a CPU `benchmarks/run.py` measures each process's RSS).
+- **pipeline** (`benchmarks/gpu_pipeline.py`): the Llama-2 recipes on a small random Llama through `accelerate launch`
+  with each config; each step passes when it exits 0, logs finite losses (and DPOP's metrics) and its saved adapter
+  loads back and computes finite logits.
 - **targets**, per row: met, missed or not measured (CPU, a failed contender): QLoRA DPOP peak allocated under 12 GB;
   every DPO-family contender within 1% of TRL's peak allocated memory and 2% of its step time; every SFT-family step
   time within 3% of its FLOP ratio.
 
-A contender or step that fails is recorded with its error and the suite goes on; the exit status is 1 if anything
-failed. `--smoke` runs on a CPU what a CPU can: the same blocks at a tiny shape in float32 (AdamW in torch, no memory
-processes), the pipeline through `accelerate launch --cpu`, the DeepSpeed and FSDP steps recorded as skipped. Writes
-`results.json` and `results.md` to `--output_dir` and prints the tables.
+Every row goes to `results.jsonl` in `--output_dir` the moment it is measured (a run stopped by a time limit keeps what
+it measured), with the time each part took against its plan; `results.md` is made from those rows at the end and
+printed. A contender or step that fails is recorded with its error and the suite goes on; the exit status is 1 if
+anything failed. `--smoke` runs on a CPU what a CPU can: the same blocks at a tiny shape in float32 (AdamW in torch,
+no memory processes), the pipeline through `accelerate launch --cpu`, the DeepSpeed and FSDP steps recorded as skipped.
 """
 
 import argparse
@@ -37,19 +39,19 @@ import importlib.util
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import traceback
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import (  # noqa: E402: benchmarks/ is not a package
-    CONTENDERS, WORDS, build_trainer, machine, make_step, run_worker, side_by_side, synthetic_rows,
+from gpu_pipeline import LAUNCHES, cuda, error_text, pipeline_part  # noqa: E402: benchmarks/ is not a package
+from run import (  # noqa: E402
+    CONTENDERS, WORDS, build_trainer, cell, machine, make_step, run_worker, side_by_side, synthetic_rows,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000)
 SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -61,16 +63,22 @@ BLOCKS = {
     "sft packed": ("sft", True, tuple(name for name in CONTENDERS["sft"] if name != "kl_sft precomputed")),
     "sft precomputed": ("sft", False, ("trl nll", "kl_sft", "kl_sft precomputed")),
 }
+QUICK_BLOCKS = {"dpo": ("trl sigmoid", "trl sigmoid A/A", "dpop"), "sft packed": ("trl nll", "kl_sft", "ift greedy")}
 SEQUENCES_PER_PACK = 4
 DPO_MEMORY_LIMIT_BYTES = 12e9  # QLoRA DPOP at 4 x 1024 tokens with checkpointing
-PIPELINE_CONFIGS = ("single_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
-SHARDED_QLORA_FLAGS = ["--bnb_4bit_quant_storage", "bfloat16"]  # ZeRO-3 and FSDP shard the packed 4-bit weights
+# Seconds seen on one H200 (benchmarks/README.md, "GPU suite"), of which the time plan is made. A step: 4 pairs / rows
+# x 1024 tokens with gradient checkpointing (one more policy forward than the 0.88 s DPO step seen without it).
+SECONDS_SEEN = {"process": 8, "load_7b": 10, "build_7b": 45, "launch": 30, "first_step": 3,
+                "step": {"dpo": 1.1, "sft": 0.55}}
+QUICK_BUDGET_S = 8 * 60
 
 
-def cuda() -> bool:
-    import torch
+def contenders_of(block: str, args) -> tuple[str, ...]:
+    return QUICK_BLOCKS[block] if args.quick else BLOCKS[block][2]
 
-    return torch.cuda.is_available()
+
+def blocks(args) -> list[str]:
+    return list(QUICK_BLOCKS if args.quick else BLOCKS)
 
 
 def random_checkpoint(shape: dict, cache: Path, dtype: str) -> str:
@@ -135,24 +143,20 @@ def tokens_per_step(trainer) -> float:
     return statistics.mean(counts)
 
 
-def error_text(error: BaseException) -> str:
-    return "".join(traceback.format_exception_only(error)).strip()[-2000:]
-
-
 def time_block(block: str, args) -> dict:
     """Worker: every contender of `block` built in this process and stepped side by side; a contender that fails to
     build or to step is recorded with its error and left out."""
     steps, measured = {}, {}
-    for name in BLOCKS[block][2]:
+    for name in contenders_of(block, args):
         try:
             trainer = qlora_trainer(block, name, args)
-            step = make_step(trainer)
+            step = make_step(trainer)  # checks that gradient checkpointing is on
             step()  # fails here rather than halfway through the paired rounds (out of memory, say)
             steps[name], measured[name] = step, {"tokens_per_step": tokens_per_step(trainer)}
         except Exception as error:  # noqa: BLE001: recorded, the other contenders go on
             measured[name] = {"error": error_text(error)}
         free_memory()  # what a failed contender held, once its exception is gone
-    baseline = BLOCKS[block][2][0]
+    baseline = contenders_of(block, args)[0]
     if baseline in steps:
         for name, row in side_by_side(steps, args.warmup, args.steps).items():
             measured[name].update(row, tokens_per_s=measured[name]["tokens_per_step"] / row["step_s"])
@@ -189,38 +193,44 @@ def memory_of(block: str, contender: str, args) -> dict:
 def worker_argv(args) -> list[str]:
     keys = ("cache", "seq_len", "warmup", "steps", "memory_steps", "batches", "dpo_batch_size", "sft_batch_size",
             "optim", "model_dir")
-    return [f"--{key}={getattr(args, key)}" for key in keys] + ["--bf16"] * args.bf16
+    flags = [f"--{flag}" for flag in ("bf16", "quick", "smoke") if getattr(args, flag)]
+    return [f"--{key}={getattr(args, key)}" for key in keys] + flags
 
 
-def qlora_part(args) -> list[dict]:
-    dtype = "bfloat16" if args.bf16 else "float32"
-    args.model_dir = random_checkpoint(SMOKE_SHAPE if args.smoke else LLAMA2_7B, Path(args.cache), dtype)
-    common = worker_argv(args)
-    rows = []
-    for block, (family, packing, contenders) in BLOCKS.items():
-        print(f"qlora: {block}", file=sys.stderr, flush=True)
+def memory_peaks(block: str, names: list[str], args):
+    """Yields (contender, its peak memory or `memory_error`) in `names`' order, `memory_jobs` processes at once (peak
+    allocated memory is per process, so processes side by side do not change it)."""
+    def measure(name: str) -> dict:
         try:
-            measured = run_worker(["--worker=time", f"--block={block}", *common], __file__)
-        except Exception as error:  # noqa: BLE001: the whole worker died (killed for memory, say)
-            measured = {name: {"error": error_text(error)} for name in contenders}
-        for name in contenders:
-            row = {"block": block, "family": family, "packing": packing, "contender": name, **measured[name]}
-            if "error" not in row and cuda():  # a CPU process's RSS is `benchmarks/run.py`'s measure
-                try:
-                    row.update(run_worker(["--worker=memory", f"--block={block}", f"--contender={name}", *common],
-                                          __file__))
-                except Exception as error:  # noqa: BLE001
-                    row["memory_error"] = error_text(error)
-            rows.append(row)
-    for block in BLOCKS:
-        block_rows_ = [row for row in rows if row["block"] == block]
-        baseline = block_rows_[0]
-        for row in block_rows_:
-            if "peak_allocated_mib" in row and "peak_allocated_mib" in baseline:
-                row["memory_ratio"] = row["peak_allocated_mib"] / baseline["peak_allocated_mib"]
-    for row in rows:
+            return run_worker(["--worker=memory", f"--block={block}", f"--contender={name}", *worker_argv(args)],
+                              __file__)
+        except Exception as error:  # noqa: BLE001
+            return {"memory_error": error_text(error)}
+
+    with ThreadPoolExecutor(args.memory_jobs) as pool:
+        yield from zip(names, pool.map(measure, names))
+
+
+def qlora_block(block: str, args, write) -> None:
+    """One block: its side-by-side worker, then (CUDA) each contender's memory process; `write` gets each row once it
+    is complete."""
+    family, packing, _ = BLOCKS[block]
+    names = contenders_of(block, args)
+    try:
+        measured = run_worker(["--worker=time", f"--block={block}", *worker_argv(args)], __file__)
+    except Exception as error:  # noqa: BLE001: the whole worker died (killed for memory, say)
+        measured = {name: {"error": error_text(error)} for name in names}
+    # A CPU process's RSS is `benchmarks/run.py`'s measure
+    measurable = [name for name in names if "error" not in measured[name]] if cuda() else []
+    peaks = dict(memory_peaks(block, measurable, args))
+    baseline_peak = peaks.get(names[0], {}).get("peak_allocated_mib")
+    for name in names:
+        row = {"block": block, "family": family, "packing": packing, "contender": name, **measured[name],
+               **peaks.get(name, {})}
+        if "peak_allocated_mib" in row and baseline_peak:
+            row["memory_ratio"] = row["peak_allocated_mib"] / baseline_peak
         row["targets"] = target_verdicts(row, on_cuda=cuda())
-    return rows
+        write(row)
 
 
 def target_verdicts(row: dict, on_cuda: bool) -> dict[str, str]:
@@ -246,119 +256,69 @@ def target_verdicts(row: dict, on_cuda: bool) -> dict[str, str]:
     return verdicts
 
 
-def pipeline_model(cache: Path) -> str:
-    """A small random Llama whose tokenizer is trained on the stack-exchange sample, saved under `cache` once."""
-    from trl_ext.testing import build_tiny_llama
-
-    stack_exchange = recipes_module("stack_exchange")
-    path = cache / "se-llama"
-    if not (path / "config.json").exists():
-        corpus = [row[key] for split in ("finetune", "rl", "evaluation")
-                  for row in stack_exchange.load_split(stack_exchange.SAMPLE, f"data/{split}")
-                  for key in stack_exchange.COLUMNS]
-        build_tiny_llama(path, corpus, hidden_size=128, vocab_size=1000)
-    return str(path)
-
-
-def recipes_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def time_plan(args) -> dict[str, float]:
+    """Planned seconds of each part on one H200, from `SECONDS_SEEN`. The 7B checkpoint is built while the pipeline
+    runs (its own process), so it costs only what is left of it after the pipeline."""
+    seen = SECONDS_SEEN
+    plan = {}
+    if "pipeline" in args.parts:
+        plan["pipeline"] = LAUNCHES * seen["launch"]
+    if "qlora" in args.parts:
+        plan["checkpoint build"] = max(0.0, seen["build_7b"] - plan.get("pipeline", 0))
+        for block in blocks(args):
+            count, step = len(contenders_of(block, args)), seen["step"][BLOCKS[block][0]]
+            build = seen["load_7b"] + seen["first_step"] + step  # load, first step, the counted step
+            timing = seen["process"] + count * build + (args.warmup + args.steps) * count * step
+            memory = math.ceil(count / args.memory_jobs) * (seen["process"] + build + args.memory_steps * step)
+            plan[f"qlora {block}"] = timing + memory
+    return plan
 
 
-def launch(config: str | None, script: str, script_args: list[str], log: Path) -> subprocess.CompletedProcess:
-    """`accelerate launch` of a recipe with one process: with `accelerate_configs/<config>.yaml`, or `--cpu`."""
-    launcher = (["--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"), "--num_processes", "1"]
-                if config else ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                                "--dynamo_backend", "no"])
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(ROOT / "recipes" / script),
-               *script_args]
-    with log.open("w") as output:
-        return subprocess.run(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, text=True)
+class ResultsLog:
+    """`results.jsonl` in `output_dir`, one record a line, each written the moment it exists: the machine, every
+    qlora and pipeline row, and each part's elapsed seconds against its plan."""
 
+    def __init__(self, output_dir: Path):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / "results.jsonl"
+        self.path.write_text("")
+        self.start = time.perf_counter()
 
-def check_run(output_dir: Path, metrics: tuple[str, ...]) -> str | None:
-    """None if the run's last checkpoint logged finite losses and `metrics`, and its saved adapter loads back and
-    computes finite logits; else what is wrong."""
-    import torch
-    from peft import AutoPeftModelForCausalLM
-    from transformers import AutoTokenizer
+    def write(self, kind: str, record: dict) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps({"kind": kind, **record}) + "\n")
 
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    if not checkpoints:
-        return f"no checkpoint in {output_dir}"
-    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
-    losses = [entry["loss"] for entry in history if "loss" in entry]
-    if not losses or not all(math.isfinite(loss) for loss in losses):
-        return f"logged losses {losses}: none, or not finite"
-    missing = [key for key in metrics if not any(key in entry for entry in history)]
-    if missing:
-        return f"not logged: {missing}"
-    model = AutoPeftModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32, device_map=None)
-    tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    with torch.no_grad():
-        logits = model(**tokenizer("Question: How do I reverse a list?\n\nAnswer:", return_tensors="pt")).logits
-    return None if torch.isfinite(logits).all() else "the adapter loaded back computes non-finite logits"
-
-
-def pipeline_part(args) -> list[dict]:
-    """SFT + merge, DPOP, then DPOP under each distributed config; one row per step."""
-    work = Path(tempfile.mkdtemp(prefix="gpu_suite_pipeline_", dir=args.cache))
-    common = ["--dataset_name", str(ROOT / "recipes/data/stack_exchange_sample"), "--max_steps", "3",
-              "--save_steps", "3", "--logging_steps", "1", "--warmup_steps", "0", "--report_to", "none",
-              "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "256",
-              "--seed", "0"]
-    if not cuda():  # the recipes' YAML: bf16 and paged AdamW, for a GPU
-        common += ["--bf16", "false", "--dtype", "float32", "--optim", "adamw_torch"]
-    deepspeed = importlib.util.find_spec("deepspeed") is not None
-    sft_dir = work / "sft"
-    steps = [("sft + merge", "single_gpu", "llama2_sft.py",
-              ["--model_name_or_path", pipeline_model(Path(args.cache)), "--output_dir", str(sft_dir)], ())]
-    for config in PIPELINE_CONFIGS:
-        dpop = ["--model_name_or_path", str(sft_dir / "merged"), "--loss_type", "dpop", "--eval_strategy", "no",
-                "--output_dir", str(work / f"dpop-{config}"), *(SHARDED_QLORA_FLAGS if config in (
-                    "deepspeed_zero3", "fsdp") else [])]
-        steps.append((f"dpop ({config})", config, "llama2_dpo.py", dpop, ("dpop/penalty", "dpop/active")))
-    rows = []
-    for name, config, script, script_args, metrics in steps:
-        row = {"step": name, "config": f"accelerate_configs/{config}.yaml"}
-        print(f"pipeline: {name}", file=sys.stderr, flush=True)
-        if not cuda() and config != "single_gpu":
-            rows.append({**row, "status": "skipped: needs CUDA"})
-            continue
-        if config.startswith("deepspeed") and not deepspeed:
-            print(f"WARNING: {name} skipped: deepspeed is not installed (pip install deepspeed)", file=sys.stderr)
-            rows.append({**row, "status": "skipped: deepspeed not installed (pip install deepspeed)"})
-            continue
-        if not cuda():
-            row["config"] = "accelerate launch --cpu (no CUDA device)"
-        output_dir = Path(script_args[script_args.index("--output_dir") + 1])
-        log = work / f"{output_dir.name}.log"
+    @contextmanager
+    def part(self, name: str, planned_s: float):
         start = time.perf_counter()
-        result = launch(config if cuda() else None, script, [*common, *script_args], log)
-        row["wall_s"] = round(time.perf_counter() - start, 1)
-        problem = f"exit status {result.returncode}; log: {log}" if result.returncode else None
-        if problem is None and script == "llama2_sft.py" and not (sft_dir / "merged" / "config.json").exists():
-            problem = f"no merged model in {sft_dir / 'merged'}"
-        if problem is None:
-            try:
-                problem = check_run(output_dir, metrics)
-            except Exception as error:  # noqa: BLE001
-                problem = error_text(error)
-        row["status"] = "passed" if problem is None else f"failed: {problem}"
-        rows.append(row)
-    return rows
+        print(f"[{start - self.start:6.0f} s] {name}: planned {planned_s:.0f} s", file=sys.stderr, flush=True)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.write("part", {"part": name, "planned_s": round(planned_s, 1), "elapsed_s": round(elapsed, 1)})
+            print(f"[{time.perf_counter() - self.start:6.0f} s] {name}: took {elapsed:.0f} s (planned "
+                  f"{planned_s:.0f} s)", file=sys.stderr, flush=True)
 
 
-def cell(row: dict, key: str, spec: str) -> str:
-    return format(row[key], spec) if key in row else "-"
+def read_results(output_dir: Path) -> dict:
+    """The records of `results.jsonl`: `machine` (with the settings), `qlora`, `pipeline` and `parts` rows."""
+    results = {"qlora": [], "pipeline": [], "parts": []}
+    for line in (output_dir / "results.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        kind = record.pop("kind")
+        if kind == "machine":
+            results["machine"] = record
+        else:
+            results[{"part": "parts"}.get(kind, kind)].append(record)
+    return results
 
 
 def markdown(results: dict) -> str:
     info = results["machine"]
     lines = [f"Device: {info['device']}, torch {info['torch']} (CUDA {info['cuda']}), transformers "
-             f"{info['transformers']}, trl {info['trl']}, bitsandbytes {info['bitsandbytes']}, deepspeed {info['deepspeed']}. {results['setting']}", ""]
+             f"{info['transformers']}, trl {info['trl']}, bitsandbytes {info['bitsandbytes']}, deepspeed "
+             f"{info['deepspeed']}. {info['setting']}", ""]
     if results["qlora"]:
         lines += ["| block | contender | GFLOP/step | FLOP ratio | step s | step ratio | tokens/s | peak alloc MiB | "
                   "peak reserved MiB | memory ratio | targets |",
@@ -378,6 +338,9 @@ def markdown(results: dict) -> str:
         lines += ["| pipeline step | accelerate config | wall s | status |", "| --- | --- | --- | --- |"]
         lines += [f"| {row['step']} | {row['config']} | {cell(row, 'wall_s', '.0f')} | {row['status']} |"
                   for row in results["pipeline"]]
+        lines.append("")
+    lines += ["| part | planned s (one H200) | took s |", "| --- | --- | --- |"]
+    lines += [f"| {row['part']} | {row['planned_s']:.0f} | {row['elapsed_s']:.0f} |" for row in results["parts"]]
     return "\n".join(lines) + "\n"
 
 
@@ -392,31 +355,64 @@ def check_requirements(args) -> None:
                          "on a CPU run `python benchmarks/gpu_suite.py --smoke`.")
 
 
-def main(args) -> dict:
+def run_info(args) -> dict:
     import bitsandbytes
     import torch
 
-    check_requirements(args)
-    Path(args.cache).mkdir(parents=True, exist_ok=True)
     deepspeed = importlib.util.find_spec("deepspeed")
-    info = {**machine(), "bitsandbytes": bitsandbytes.__version__,
-            "deepspeed": __import__("deepspeed").__version__ if deepspeed else "not installed",
-            "cuda": torch.version.cuda}
     shape = SMOKE_SHAPE if args.smoke else LLAMA2_7B
     setting = (f"QLoRA: Llama shape {shape}, NF4 with {'bf16' if args.bf16 else 'float32'} compute, LoRA r 8 on "
                f"q/k/v/o, {args.dpo_batch_size} pairs / {args.sft_batch_size} rows x {args.seq_len} tokens, gradient "
                f"checkpointing, {args.optim}; step time: median of {args.steps} paired rounds after {args.warmup} "
-               f"warm-up; memory: fresh process per contender, over {args.memory_steps} steps.")
-    results = {"machine": info, "settings": vars(args), "setting": setting,
-               "qlora": qlora_part(args) if "qlora" in args.parts else [],
-               "pipeline": pipeline_part(args) if "pipeline" in args.parts else []}
+               f"warm-up; memory: fresh process per contender, over {args.memory_steps} steps"
+               f"{'; --quick' if args.quick else ''}.")
+    return {**machine(), "bitsandbytes": bitsandbytes.__version__,
+            "deepspeed": __import__("deepspeed").__version__ if deepspeed else "not installed",
+            "cuda": torch.version.cuda, "setting": setting, "settings": vars(args)}
+
+
+def main(args) -> dict:
+    check_requirements(args)
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    log = ResultsLog(output_dir)
+    log.write("machine", run_info(args))
+    plan = time_plan(args)
+    print("time plan (one H200): " + ", ".join(f"{part} {seconds:.0f} s" for part, seconds in plan.items())
+          + f"; total {sum(plan.values()):.0f} s", file=sys.stderr, flush=True)
+    with ThreadPoolExecutor(1) as background:
+        if "qlora" in args.parts:  # built in its own process while the pipeline runs
+            dtype = "bfloat16" if args.bf16 else "float32"
+            checkpoint = background.submit(run_worker, ["--worker=checkpoint", f"--cache={args.cache}",
+                                                        f"--dtype={dtype}", *["--smoke"] * args.smoke], __file__)
+        if "pipeline" in args.parts:
+            with log.part("pipeline", plan["pipeline"]):
+                pipeline_part(args.cache, lambda row: log.write("pipeline", row))
+        if "qlora" in args.parts:
+            qlora_part(args, checkpoint, plan, log)
+    results = read_results(output_dir)
     table = markdown(results)
     (output_dir / "results.md").write_text(table)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     print(table)
     return results
+
+
+def qlora_part(args, checkpoint, plan: dict, log: ResultsLog) -> None:
+    """The random checkpoint (built in the background), then each block; a failed build fails every contender."""
+    failure = None
+    with log.part("checkpoint build", plan["checkpoint build"]):
+        try:
+            args.model_dir = checkpoint.result()
+        except Exception as error:  # noqa: BLE001
+            failure = f"no random checkpoint: {error_text(error)}"
+    for block in blocks(args):
+        with log.part(f"qlora {block}", plan[f"qlora {block}"]):
+            if failure:
+                for name in contenders_of(block, args):
+                    log.write("qlora", {"block": block, "family": BLOCKS[block][0], "contender": name,
+                                        "error": failure, "targets": {}})
+            else:
+                qlora_block(block, args, lambda row: log.write("qlora", row))
 
 
 def failed(results: dict) -> bool:
@@ -426,7 +422,12 @@ def failed(results: dict) -> bool:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["qlora", "pipeline"], choices=["qlora", "pipeline"])
+    parser.add_argument("--parts", nargs="+", default=["pipeline", "qlora"], choices=["pipeline", "qlora"])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"fits {QUICK_BUDGET_S // 60} minutes on one H200: the pipeline, then the DPO block "
+                             f"({', '.join(QUICK_BLOCKS['dpo'])}) and the packed SFT block "
+                             f"({', '.join(QUICK_BLOCKS['sft packed'])}); 1 warm-up + 8 timed rounds, 2 memory steps, "
+                             "3 memory processes at once")
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--dpo_batch_size", type=int, default=4, help="pairs per step")
     parser.add_argument("--sft_batch_size", type=int, default=4, help="rows per step (packed rows in `sft packed`)")
@@ -434,6 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="rounds not timed")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds")
     parser.add_argument("--memory_steps", type=int, default=3)
+    parser.add_argument("--memory_jobs", type=int, default=1, help="memory processes at once on the one GPU")
     parser.add_argument("--optim", default="paged_adamw_32bit")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "trl_ext_gpu_suite"),
                         help="random checkpoints (the 7B one: 13.5 GB) and the pipeline's runs")
@@ -441,18 +443,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true",
                         help="CPU: tiny Llama shape, 2 pairs / rows x 128 tokens, float32, adamw_torch, 1 warm-up + 2 "
                              "timed rounds")
-    parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["time", "memory", "checkpoint"], help=argparse.SUPPRESS)
     parser.add_argument("--block", choices=list(BLOCKS), help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)  # set from the device
     args = parser.parse_args(argv)
     args.gradient_checkpointing = True
     if args.worker is None:
         args.bf16 = not args.smoke
-    if args.smoke and args.worker is None:
-        args.seq_len, args.warmup, args.steps, args.optim = 128, 1, 2, "adamw_torch"
-        args.dpo_batch_size = args.sft_batch_size = 2
+        if args.quick:
+            args.warmup, args.steps, args.memory_steps, args.memory_jobs = 1, 8, 2, 3
+        if args.smoke:
+            args.seq_len, args.warmup, args.steps, args.optim = 128, 1, 2, "adamw_torch"
+            args.dpo_batch_size = args.sft_batch_size = 2
     return args
 
 
@@ -462,5 +467,7 @@ if __name__ == "__main__":
         print(json.dumps(time_block(args.block, args)))
     elif args.worker == "memory":
         print(json.dumps(memory_of(args.block, args.contender, args)))
+    elif args.worker == "checkpoint":
+        print(json.dumps(random_checkpoint(SMOKE_SHAPE if args.smoke else LLAMA2_7B, Path(args.cache), args.dtype)))
     else:
         sys.exit(1 if failed(main(args)) else 0)

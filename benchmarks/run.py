@@ -8,10 +8,13 @@ python benchmarks/run.py --flops_only                           # FLOP counts on
 ```
 
 For each configuration (family x model x sequence length x reference setup):
-- **FLOPs**: of one training step (forward and backward), counted by `torch.utils.flop_counter`; deterministic, so a
-  change that adds a forward shows in the ratio exactly, never hidden in timing noise;
+- **FLOPs**: of one training step (forward and backward), counted by `torch.utils.flop_counter` with formulas for
+  what it leaves out (`flop_formulas`); deterministic, so a change that adds a forward shows in the ratio exactly,
+  never hidden in timing noise;
 - **step time**: one process builds every contender and steps them in alternation, rotating the order each round;
-  the median optimizer-step time (forward, backward, optimizer step) after the warm-up rounds;
+  the median optimizer-step time (forward, backward, optimizer step) after the warm-up rounds. Each trainer is first
+  run through `Trainer.train` up to its first step, which turns gradient checkpointing on and prepares the model and
+  optimizer as in a user's run;
 - **peak memory**: one fresh process per contender; CPU: the process's peak RSS, GPU:
   `torch.cuda.max_memory_allocated`.
 Ratios are against the TRL baseline of the same configuration (`trl sigmoid` for the DPO family, `trl nll` for
@@ -159,15 +162,43 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
     )
 
 
+class _Prepared(Exception):
+    """Raised from `on_train_begin`: `Trainer.train` has prepared the trainer for its first step."""
+
+
+def prepare_as_train_does(trainer) -> None:
+    """Runs `trainer.train()` up to its first step: gradient checkpointing turned on (transformers does it inside
+    `train`, not `__init__`), the model and optimizer prepared by accelerate (autocast under bf16), as in a user's
+    run."""
+    from transformers import TrainerCallback
+
+    class StopBeforeFirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise _Prepared
+
+    stop = StopBeforeFirstStep()
+    trainer.add_callback(stop)  # last: the trainer's own `on_train_begin` callbacks (sDPO's) run first
+    try:
+        trainer.train()
+    except _Prepared:
+        pass
+    finally:
+        trainer.remove_callback(stop)
+    if trainer.args.gradient_checkpointing and not trainer.model.is_gradient_checkpointing:
+        raise RuntimeError(f"{type(trainer).__name__}: `gradient_checkpointing=True`, but the model `train()` prepared "
+                           "does not checkpoint: the benchmark would not measure the memory users get")
+
+
 def make_step(trainer):
-    """One optimizer step per call, cycling through the trainer's own prepared batches."""
-    trainer.create_optimizer()
-    trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`, which this loop replaces
+    """One optimizer step per call, cycling through the trainer's own prepared batches, on the model and optimizer
+    `Trainer.train` prepares."""
+    prepare_as_train_does(trainer)
+    trainer.current_gradient_accumulation_steps = 1  # set by `Trainer.train`'s epoch loop, which this loop replaces
     batches = list(trainer.get_train_dataloader())
     calls = iter(range(10**9))
 
     def step():
-        trainer.training_step(trainer.model, batches[next(calls) % len(batches)])
+        trainer.training_step(trainer.model_wrapped, batches[next(calls) % len(batches)])
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
 
@@ -182,20 +213,62 @@ def synchronize():
 
 
 def four_bit_matmul_flops(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
-    """`bitsandbytes::gemv_4bit`: `A (..., K)` times a 4-bit `(N, K)` weight's transpose, as `aten.mm` counts it."""
-    return 2 * math.prod(out_shape) * a_shape[-1]
+    """`bitsandbytes::gemm_4bit` and `::gemv_4bit` (every overload): `A (..., K)` times the transpose of a 4-bit
+    weight of shape `shape_b` `(N, K)`, as `aten.mm` counts it."""
+    n, k = shape_b
+    return 2 * math.prod(a_shape[:-1]) * n * k
+
+
+def addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """`aten.addmm` in every overload, and in place. Torch's own formula takes the positional `out_dtype` of
+    `addmm.dtype_out` for its `out_shape` and fails; `addmm_` it does not count."""
+    from torch.utils.flop_counter import mm_flop
+
+    return mm_flop(a_shape, b_shape)
+
+
+def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                 **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_formulas() -> dict:
+    """Formulas for the products a training step runs that `torch.utils.flop_counter` leaves out or fails on:
+    - bitsandbytes' 4-bit products: `gemm_4bit` computes every forward of a 4-bit layer (policy, reference and
+      checkpointing's recompute) on any device, `gemv_4bit` the CPU's AVX512-BF16 kernel without gradient; their
+      kernels run below the counter. The backward's product is a dequantized `aten.mm`, counted by torch;
+    - `aten.addmm`: TRL's chunked log-prob kernel accumulates the LM head's gradient products with
+      `addmm(out_dtype=float32)` on CUDA in bf16/fp16 and with `addmm_` elsewhere;
+    - the CPU's fused attention, forward and backward, by torch's formulas for the CUDA kernels (without them a CPU
+      counts no attention)."""
+    import bitsandbytes  # noqa: F401: defines torch.ops.bitsandbytes
+    import torch
+
+    aten = torch.ops.aten
+    return {
+        torch.ops.bitsandbytes.gemm_4bit: four_bit_matmul_flops,
+        torch.ops.bitsandbytes.gemv_4bit: four_bit_matmul_flops,
+        aten.addmm: addmm_flops,
+        aten.addmm_: addmm_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops,
+    }
 
 
 def step_flops(step) -> int:
-    """FLOPs of one call of `step` (matrix products and attention: what `torch.utils.flop_counter` counts). On a CPU
-    with AVX512-BF16, a bitsandbytes 4-bit layer run once without gradient (precomputing reference log-probs, say)
-    switches to its own kernel, which the counter does not know: it is counted as the product it computes."""
-    import bitsandbytes  # noqa: F401: defines torch.ops.bitsandbytes
-    import torch
+    """FLOPs of one call of `step`: matrix products and attention, counted by `torch.utils.flop_counter` with
+    `flop_formulas()` for those it leaves out."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    formulas = {torch.ops.bitsandbytes.gemv_4bit: four_bit_matmul_flops}
-    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
+    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
         step()
     return counter.get_total_flops()
 
@@ -288,6 +361,11 @@ def machine() -> dict:
     }
 
 
+def cell(row: dict, key: str, spec: str) -> str:
+    """`row[key]` formatted, or `-` where the row has no such measure (`--flops_only`, a failed contender)."""
+    return format(row[key], spec) if key in row else "-"
+
+
 def markdown(results: list[dict], info: dict, args) -> str:
     measured = ("FLOPs of one step only (`--flops_only`)." if args.flops_only else
                 f"step time: median of {args.steps} steps after {args.warmup} warm-up; peak memory: over "
@@ -301,9 +379,6 @@ def markdown(results: list[dict], info: dict, args) -> str:
         "memory ratio | target |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    def cell(row, key, spec):  # `--flops_only` rows have no time or memory
-        return format(row[key], spec) if key in row else "-"
-
     for row in results:
         lines.append(
             f"| {row['family']} | {row['model']} | {row['seq_len']} | {row['setup']} | {row['contender']} | "

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,14 @@ def load_benchmark(name: str = "run"):
     return module
 
 
+# TDPO's extra FLOPs are the same on every device; TRL's step is not: on a device with Triton, TRL's fused LM head
+# scores the completion positions only (`compact` in `trl.trainer.utils.add_fused_lm_head`), elsewhere every position;
+# and attention runs other kernels (float32 on CUDA, this model: SDPA's math path, two batched products forward and
+# four backward, where the CPU's fused kernel also recomputes the scores). CUDA (H200, torch 2.11, transformers 5.17)
+# counted 1.137 before `addmm_` was counted; with the LM head's hidden-state gradient over the 192 positions, 1.133.
+TDPO_PEFT_FLOP_RATIO = {"cpu": 1.108, "cuda": 1.133}
+
+
 @pytest.mark.parametrize(("family", "setup"), [("dpo", "peft"), ("dpo", "precomputed"), ("sft", "peft")])
 def test_flops_of_a_step_against_trl(tmp_path, family, setup):
     """Exact counts: a change that adds a forward to a trl_ext loss fails here instead of hiding in timing noise."""
@@ -75,8 +85,9 @@ def test_flops_of_a_step_against_trl(tmp_path, family, setup):
         assert tdpo == ({} if setup == "precomputed" else {
             "tdpo1": 10 * positions * config.hidden_size * config.vocab_size,
             "tdpo2": 10 * positions * config.hidden_size * config.vocab_size})
-        if setup == "peft":
-            assert round(ratios["tdpo1"], 3) == round(ratios["tdpo2"], 3) == 1.205  # 192 positions, H 32, V 320
+        if setup == "peft":  # 192 positions, H 32, V 320
+            device = trainers["trl sigmoid"].args.device.type
+            assert round(ratios["tdpo1"], 3) == round(ratios["tdpo2"], 3) == TDPO_PEFT_FLOP_RATIO[device]
         # The rest run the same two forwards TRL runs (one with precomputed reference log-probs), nothing more; sDPO
         # between stage boundaries too
         assert {name: row["flop_ratio"] for name, row in flops.items()} == {
@@ -89,31 +100,111 @@ def test_flops_of_a_step_against_trl(tmp_path, family, setup):
     assert 1.15 < ratios["ift greedy"] <= ratios["ift soft"] < 1.5
 
 
+def counted_flops(function, formulas: dict | None = None) -> int:
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def test_flop_formulas_count_the_products_torch_leaves_out():
+    """Each product counted as `aten.mm` counts one, 2 M N K: TRL's LM-head gradient accumulation with
+    `addmm(out_dtype=float32)` (CUDA only: meta tensors; torch's own formula fails on it) and with `addmm_`."""
+    formulas = load_benchmark().flop_formulas()
+    m, k, n = 6, 128, 10
+    acc = torch.zeros(m, n, device="meta")
+    a, b = (torch.zeros(shape, device="meta", dtype=torch.bfloat16) for shape in ((m, k), (k, n)))
+    with pytest.raises(TypeError, match="out_shape"):
+        counted_flops(lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc))
+    assert counted_flops(lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc), formulas) == 2 * m * n * k
+    assert counted_flops(lambda: torch.zeros(m, n).addmm_(torch.ones(m, k), torch.ones(k, n)), formulas) == (
+        2 * m * n * k)
+
+
+def test_flop_formulas_count_four_bit_products():
+    """A 4-bit layer's forward is bitsandbytes' `gemm_4bit` on every device (torch counts none of it), its backward
+    a dequantized `aten.mm`; the CPU's no-gradient kernel `gemv_4bit` (meta tensors: AVX512-BF16 only)."""
+    import bitsandbytes
+
+    formulas = load_benchmark().flop_formulas()
+    m, k, n = 6, 128, 10  # M = 2 x 3 positions
+    torch.manual_seed(0)
+    layer = bitsandbytes.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(torch.nn.Linear(k, n, bias=False).state_dict())
+    layer = layer.to("cpu")  # quantizes
+    inputs = torch.randn(2, 3, k, requires_grad=True)
+    assert counted_flops(lambda: layer(inputs).sum().backward()) == 2 * m * n * k  # the backward's product only
+    assert counted_flops(lambda: layer(inputs).sum().backward(), formulas) == 2 * (2 * m * n * k)
+    with torch.no_grad():
+        assert counted_flops(lambda: layer(inputs), formulas) == 2 * m * n * k
+    packed = torch.zeros(n * k // 2, 1, dtype=torch.uint8, device="meta")
+    absmax, code = torch.zeros(n * k // 64, device="meta"), torch.zeros(16, device="meta")
+    inputs = torch.zeros(2, 3, k, dtype=torch.bfloat16, device="meta")
+    out = torch.empty(2, 3, n, dtype=torch.bfloat16, device="meta")
+    assert counted_flops(lambda: torch.ops.bitsandbytes.gemv_4bit(inputs, packed, [n, k], absmax, code, 64),
+                         formulas) == 2 * m * n * k
+    assert counted_flops(lambda: torch.ops.bitsandbytes.gemv_4bit.out(inputs, packed, [n, k], absmax, code, 64,
+                                                                      out=out), formulas) == 2 * m * n * k
+
+
+def test_flop_formulas_count_cpu_attention_as_cuda_attention():
+    """The CPU's fused attention by torch's formulas for the CUDA kernels: `Q K^T` and `P V` forward (2 products of
+    2 B H S^2 D), the scores recomputed and 4 products backward (5)."""
+    formulas = load_benchmark().flop_formulas()
+    batch, heads, length, dim = 2, 4, 16, 8
+    query, key, value = (torch.randn(batch, heads, length, dim, requires_grad=True) for _ in range(3))
+
+    def attention():
+        torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True).sum().backward()
+
+    assert counted_flops(attention) == 0
+    assert counted_flops(attention, formulas) == (2 + 5) * 2 * batch * heads * length * length * dim
+
+
+def test_steps_run_with_gradient_checkpointing_as_train_turns_it_on(tmp_path):
+    """transformers turns checkpointing on inside `Trainer.train`, which the benchmark's steps run up to their first
+    step: the model checkpoints, and a step recomputes the policy's decoder layers (more FLOPs than without)."""
+    benchmark = load_benchmark()
+    flops = {}
+    for flag in ([], ["--gradient_checkpointing"]):
+        args = benchmark.parse_args(["--smoke", "--cache", str(tmp_path), *flag])
+        trainer = benchmark.build_trainer("dpo", "dpop", "tiny", 128, "peft", args)
+        step = benchmark.make_step(trainer)
+        assert trainer.model.is_gradient_checkpointing == bool(flag)
+        flops[bool(flag)] = benchmark.step_flops(step)
+    assert flops[True] > flops[False]
+
+
+GPU_SUITE_ROWS = {
+    "full": [("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "trl_ext sigmoid"), ("dpo", "dpop"),
+             ("dpo", "dpop_norm"), ("sft packed", "trl nll"), ("sft packed", "trl nll A/A"), ("sft packed", "kl_sft"),
+             ("sft packed", "ift greedy"), ("sft packed", "ift soft"), ("sft precomputed", "trl nll"),
+             ("sft precomputed", "kl_sft"), ("sft precomputed", "kl_sft precomputed")],
+    "quick": [("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "dpop"), ("sft packed", "trl nll"),
+              ("sft packed", "kl_sft"), ("sft packed", "ift greedy")],
+}
+
+
 @pytest.mark.e2e
-def test_gpu_suite_smoke_run(tmp_path):
-    """`gpu_suite.py --smoke` on a CPU: every block and the CPU pipeline run; FLOP ratios are exact; what needs CUDA
-    is recorded as not measured or skipped, never as met or passed."""
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_suite.py"), "--smoke", "--output_dir",
-                             str(tmp_path), "--cache", str(tmp_path / "cache")], capture_output=True, text=True, cwd=ROOT)
+@pytest.mark.parametrize("mode", ["full", "quick"])
+def test_gpu_suite_smoke_run(tmp_path, mode):
+    """`gpu_suite.py --smoke [--quick]` on a CPU: every block and the CPU pipeline run; FLOP ratios are exact; what
+    needs CUDA is recorded as not measured or skipped, never as met or passed; each part's time is recorded."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks/gpu_suite.py"), "--smoke",
+                             *["--quick"] * (mode == "quick"), "--output_dir", str(tmp_path), "--cache",
+                             str(tmp_path / "cache")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert {"device", "torch", "trl", "bitsandbytes", "deepspeed"} <= set(results["machine"])
+    suite = load_benchmark("gpu_suite")
+    results = suite.read_results(tmp_path)
+    assert {"device", "torch", "trl", "bitsandbytes", "deepspeed", "setting"} <= set(results["machine"])
     rows = {(row["block"], row["contender"]): row for row in results["qlora"]}
-    assert list(rows) == [
-        ("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "trl_ext sigmoid"), ("dpo", "dpop"),
-        ("dpo", "dpop_norm"), ("sft packed", "trl nll"), ("sft packed", "trl nll A/A"), ("sft packed", "kl_sft"),
-        ("sft packed", "ift greedy"), ("sft packed", "ift soft"), ("sft precomputed", "trl nll"),
-        ("sft precomputed", "kl_sft"), ("sft precomputed", "kl_sft precomputed"),
-    ]
+    assert list(rows) == GPU_SUITE_ROWS[mode]
     for row in rows.values():
         assert "error" not in row and row["step_s"] > 0 and row["tokens_per_s"] > 0
-    # QLoRA: the DPO family runs exactly TRL's forwards; precomputed KL-SFT runs none of its own
+    # QLoRA: the DPO family runs exactly TRL's forwards
     assert {row["flop_ratio"] for (block, _), row in rows.items() if block == "dpo"} == {1.0}
-    assert rows["sft packed", "trl nll A/A"]["flop_ratio"] == rows["sft precomputed", "kl_sft precomputed"][
-        "flop_ratio"] == 1.0
-    for block in ("sft packed", "sft precomputed"):
-        assert 1.1 < rows[block, "kl_sft"]["flop_ratio"] < 1.5
-    assert 1.1 < rows["sft packed", "ift greedy"]["flop_ratio"] <= rows["sft packed", "ift soft"]["flop_ratio"] < 1.5
+    assert {row["flop_ratio"] for (_, name), row in rows.items() if name == "trl nll A/A"} <= {1.0}
+    assert all(1.1 < row["flop_ratio"] < 1.5 for (_, name), row in rows.items() if name.startswith(("kl_sft", "ift"))
+               and name != "kl_sft precomputed")
     # 2 packed rows x 128 tokens of 4 sequences each; 2 pairs cut at 128 tokens
     assert rows["sft packed", "trl nll"]["tokens_per_step"] > 0.9 * 2 * 128
     assert rows["dpo", "dpop"]["targets"] == {name: "not measured (no CUDA device)" for name in (
@@ -123,9 +214,60 @@ def test_gpu_suite_smoke_run(tmp_path):
     assert pipeline == {"sft + merge": "passed", "dpop (single_gpu)": "passed", "dpop (deepspeed_zero2)":
                         "skipped: needs CUDA", "dpop (deepspeed_zero3)": "skipped: needs CUDA",
                         "dpop (fsdp)": "skipped: needs CUDA"}
+    parts = {row["part"]: row for row in results["parts"]}
+    assert list(parts) == list(suite.time_plan(suite.parse_args(["--smoke", *["--quick"] * (mode == "quick")])))
+    assert all(row["elapsed_s"] > 0 for name, row in parts.items() if name != "checkpoint build")
     table = (tmp_path / "results.md").read_text()
     assert "| block | contender | GFLOP/step | FLOP ratio | step s | step ratio | tokens/s | peak alloc MiB |" in table
-    assert table.count("| dpo |") == 5 and table.count("skipped: needs CUDA") == 3
+    assert table.count("| dpo |") == len([row for row in rows if row[0] == "dpo"])
+    assert table.count("skipped: needs CUDA") == 3 and "| part | planned s (one H200) | took s |" in table
+    if mode == "full":
+        precomputed_kl_sft_runs_no_forward_of_its_own(rows["sft precomputed", "kl_sft precomputed"]["flop_ratio"])
+
+
+def precomputed_kl_sft_runs_no_forward_of_its_own(flop_ratio: float) -> None:
+    from bitsandbytes.functional import has_avx512bf16
+
+    if flop_ratio != 1.0 and has_avx512bf16():
+        # bitsandbytes 0.50.2 on such a CPU repacks a 4-bit layer for its inference kernel once the layer runs without
+        # gradient in eval mode (the reference precompute); later training forwards run that kernel, which has no
+        # backward: the gradient through the layer's input is dropped, and the backward's products with it.
+        pytest.xfail(f"bitsandbytes drops the 4-bit layers' input gradient after the precompute on an AVX512-BF16 "
+                     f"CPU: FLOP ratio {flop_ratio:.3f}")
+    assert flop_ratio == 1.0
+
+
+def test_quick_mode_plan_fits_its_budget():
+    """The quick mode's plan, from the times seen on one H200, leaves a minute of its 8 for the wheels' install and
+    the suite's own start; the full suite plans every block."""
+    suite = load_benchmark("gpu_suite")
+    quick = suite.time_plan(suite.parse_args(["--quick"]))
+    assert list(quick) == ["pipeline", "checkpoint build", "qlora dpo", "qlora sft packed"]
+    assert sum(quick.values()) <= suite.QUICK_BUDGET_S - 60
+    assert quick["checkpoint build"] == 0  # built while the pipeline runs
+    full = suite.time_plan(suite.parse_args([]))
+    assert list(full) == [*quick, "qlora sft precomputed"] and full["qlora dpo"] > quick["qlora dpo"]
+
+
+def test_results_log_keeps_each_record_as_written(tmp_path):
+    """A record is on disk once written, a part that fails still records its time, and the table is made from the
+    records alone."""
+    suite = load_benchmark("gpu_suite")
+    log = suite.ResultsLog(tmp_path)
+    log.write("machine", {"device": "GPU", "torch": "2.11", "cuda": "13.0", "transformers": "5.17", "trl": "1.16",
+                          "bitsandbytes": "0.50.2", "deepspeed": "0.19.8", "setting": "QLoRA."})
+    with pytest.raises(RuntimeError), log.part("qlora dpo", 104.0):
+        log.write("qlora", {"block": "dpo", "family": "dpo", "contender": "trl sigmoid", "flops": 4.2e14,
+                            "flop_ratio": 1.0, "step_s": 1.1, "targets": {}})
+        assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
+        raise RuntimeError("killed")
+    log.write("pipeline", {"step": "dpop (fsdp)", "config": "accelerate_configs/fsdp.yaml", "status": "passed"})
+    results = suite.read_results(tmp_path)
+    assert [row["contender"] for row in results["qlora"]] == ["trl sigmoid"]
+    assert [(row["part"], row["planned_s"]) for row in results["parts"]] == [("qlora dpo", 104.0)]
+    table = suite.markdown(results)
+    assert "| dpo | trl sigmoid | 4.2e14 | 1.000 | 1.100 | - |" in table
+    assert "| dpop (fsdp) | accelerate_configs/fsdp.yaml | - | passed |" in table and "| qlora dpo | 104 |" in table
 
 
 def test_gpu_targets_met_missed_or_not_measured():
