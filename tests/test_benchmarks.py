@@ -221,20 +221,10 @@ def test_gpu_suite_smoke_run(tmp_path, mode):
     assert "| block | contender | GFLOP/step | FLOP ratio | step s | step ratio | tokens/s | peak alloc MiB |" in table
     assert table.count("| dpo |") == len([row for row in rows if row[0] == "dpo"])
     assert table.count("skipped: needs CUDA") == 3 and "| part | planned s (one H200) | took s |" in table
-    if mode == "full":
-        precomputed_kl_sft_runs_no_forward_of_its_own(rows["sft precomputed", "kl_sft precomputed"]["flop_ratio"])
+    if mode == "full":  # precomputed KL-SFT runs no forward of its own
+        assert rows["sft precomputed", "kl_sft precomputed"]["flop_ratio"] == 1.0
 
 
-def precomputed_kl_sft_runs_no_forward_of_its_own(flop_ratio: float) -> None:
-    from bitsandbytes.functional import has_avx512bf16
-
-    if flop_ratio != 1.0 and has_avx512bf16():
-        # bitsandbytes 0.50.2 on such a CPU repacks a 4-bit layer for its inference kernel once the layer runs without
-        # gradient in eval mode (the reference precompute); later training forwards run that kernel, which has no
-        # backward: the gradient through the layer's input is dropped, and the backward's products with it.
-        pytest.xfail(f"bitsandbytes drops the 4-bit layers' input gradient after the precompute on an AVX512-BF16 "
-                     f"CPU: FLOP ratio {flop_ratio:.3f}")
-    assert flop_ratio == 1.0
 
 
 def test_quick_mode_plan_fits_its_budget():

@@ -12,13 +12,13 @@ import textwrap
 import tomllib
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
 import trl
 from accelerate import Accelerator
 from packaging.requirements import Requirement
-from accelerate import Accelerator
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -371,3 +371,27 @@ def test_fused_forward_runs_the_backbone_once_before_the_lm_head(tiny_model_dir,
     logits = model.get_output_embeddings()(hidden_states[0][:, :-1])
     expected = logits.log_softmax(-1).gather(2, input_ids[:, 1:, None]).squeeze(2)
     torch.testing.assert_close(output.log_probs, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("packed_before", [False, True], ids=["kept", "undone"])
+def test_a_4bit_layer_stays_differentiable_after_a_forward_without_gradient(packed_before):
+    """bitsandbytes repacks a 4-bit layer for a CPU inference kernel without backward after an eval forward without
+    gradient (on AVX512-BF16 CPUs, such as CI's): the input's gradient would then be dropped."""
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(layer.weight.data, requires_grad=False, quant_type="nf4").to("cpu")
+
+    def eval_forward():
+        layer.eval()
+        with torch.no_grad():
+            layer(torch.randn(4, 64))
+        layer.train()
+
+    if packed_before:
+        eval_forward()
+    trl_contract.keep_4bit_layers_differentiable(torch.nn.Sequential(layer))
+    eval_forward()
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    inputs = torch.randn(4, 64, requires_grad=True)
+    layer(inputs).sum().backward()
+    torch.testing.assert_close(inputs.grad, torch.ones(4, 32) @ weight)

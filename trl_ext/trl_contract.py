@@ -127,8 +127,8 @@ PRIVATE_METHODS = (
     # trl_ext.DPOTrainer computes its losses around TRL's private loss, and checks datasets before TRL prepares them
     PrivateMethod(trl.DPOTrainer, "_compute_loss", ("self", "model", "inputs", "return_outputs")),
     PrivateMethod(trl.DPOTrainer, "_prepare_dataset", ("self", "dataset", "processing_class", "args", "dataset_name")),
-    # ...and, in sDPO, precomputes the reference log-probs again at each stage boundary, after setting the model hash
-    # of their cache key (`_precompute_model_hash`) to the new reference's
+    # ...overrides the reference precompute (to keep 4-bit layers differentiable first) and, in stepwise DPO, runs it
+    # again at each stage boundary, after setting the model hash of its cache key (`_precompute_model_hash`)
     PrivateMethod(trl.DPOTrainer, "_precompute_ref_logps", ("self", "dataset", "name", "batch_size")),
     # trl_ext.SFTTrainer maps preference datasets to completions before TRL prepares them
     PrivateMethod(trl.SFTTrainer, "_prepare_dataset",
@@ -251,6 +251,25 @@ def full_state_dict_while_saving(fsdp_plugin) -> Iterator[None]:
         yield
     finally:
         fsdp_plugin.state_dict_type = previous
+
+
+def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Keeps `model`'s bitsandbytes 4-bit layers on their differentiable kernel on the CPU.
+
+    bitsandbytes repacks a 4-bit layer for a CPU inference kernel the first time the layer runs in eval mode without
+    gradient on a CPU with AVX512-BF16 (`Linear4bit.support_avx512bf16_for_cpu`), as a reference precompute, an
+    evaluation or a generation does; that kernel has no backward, so every later training forward silently drops the
+    gradient through the layer's input. This turns the repacking off and undoes one already done.
+    """
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
 
 
 def loss_is_scaled_for_gradient_accumulation(trainer: transformers.Trainer, num_items_in_batch) -> bool:

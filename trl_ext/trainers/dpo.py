@@ -31,6 +31,7 @@ from ..trl_contract import (
     check_recorded_forwards,
     default_bf16_to_what_the_machine_supports,
     drop_metrics,
+    keep_4bit_layers_differentiable,
     record_fused_outputs,
     record_last_hidden_states,
 )
@@ -182,6 +183,7 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
         model, args = resolve_model_and_args(model, args, DPOConfig, "DPO")
         validate_loss_config(args)
         super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
+        keep_4bit_layers_differentiable(self.model)
 
         # TRL's loss loop only knows its own names: give it those and keep ours, in the user's order, for later.
         weighted = list(zip(self.loss_types, self.loss_weights, strict=True))
@@ -210,6 +212,12 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
             self.chosen_is_placeholder = True
         warn_if_words_glue(dataset, dataset_name)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL precomputes inside its constructor: the first forward without gradient in eval mode, after which
+        # bitsandbytes would move 4-bit layers to a kernel without backward on some CPUs
+        keep_4bit_layers_differentiable(self.model)
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.stepwise_reference is not None:

@@ -37,6 +37,7 @@ from ..trl_contract import (
     ExpectedForward,
     check_recorded_forwards,
     default_bf16_to_what_the_machine_supports,
+    keep_4bit_layers_differentiable,
     keep_signature_column,
     loss_is_scaled_for_gradient_accumulation,
     record_fused_outputs,
@@ -251,6 +252,7 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
             eval_dataset = _chosen_as_completion(eval_dataset, "eval")
         with _as_trl_loss_type(args):
             super().__init__(model, args, data_collator, train_dataset, eval_dataset, *trainer_args, **trainer_kwargs)
+        keep_4bit_layers_differentiable(self.model)
         if registered is not None and registered.ift_inputs:
             check_parameters_are_whole(self, args.loss_type)
         self.ref_model = build_reference(self, ref_model) if uses_reference else None
