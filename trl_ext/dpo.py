@@ -10,6 +10,7 @@ import trl
 from datasets import Dataset, IterableDataset
 
 from . import citations, dpo_variants, sdpo, tdpo  # noqa: F401  (dpo_variants, tdpo register their losses)
+from .config_checks import check_training_fields
 from .data import warn_if_words_glue
 from .dpo_losses import (
     LossContext,
@@ -42,6 +43,11 @@ class DPOConfig(trl.DPOConfig):
     per-batch beta), `"npo"` (Negative Preference Optimization on the rejected completions) and `"tdpo1"` /
     `"tdpo2"` (token-level DPO). They combine with TRL's through the `loss_type` list and `loss_weights`, e.g.
     `loss_type=["dpop", "sft"]`.
+
+    `beta` must be > 0 (and finite) for every loss but TRL's `sft`: it is the temperature of the preference margin in
+    TRL's losses and trl_ext's (and a loss registered by the user is assumed to read it too), or the regularisation
+    strength `ipo` and `sppo_hard` divide by. A negative `beta` trains the opposite preference while the reward
+    metrics, scaled by it, look like success; `0` learns nothing. `sft` alone (the chosen completion's NLL) reads none.
 
     Parameters:
         dpop_lambda (`float`, *optional*, defaults to `50.0`):
@@ -120,6 +126,8 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
             f"{list(registered_dpo_losses())}. Custom losses must be registered with "
             "`trl_ext.register_dpo_loss` before the config is created."
         )
+    _check_beta(args, loss_types)
+    check_training_fields(args)
     extension = [name for name in loss_types if name in registered_dpo_losses()]
     if not extension:
         return
@@ -147,6 +155,21 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
                 f"`{name}={value!r}` is not supported with the trl_ext loss types {extension}; "
                 f"leave it at {default!r} or use only TRL's loss types."
             )
+
+
+# The loss types that read no `beta`: `sft` is the NLL of the chosen completion.
+LOSSES_WITHOUT_BETA = ("sft",)
+
+
+def _check_beta(args: trl.DPOConfig, loss_types: list[str]) -> None:
+    reading = [name for name in loss_types if name not in LOSSES_WITHOUT_BETA]
+    if reading and not args.beta > 0:
+        raise ValueError(
+            f"`beta` must be > 0 for {', '.join(f'`{name}`' for name in reading)}, got {args.beta}: it scales the "
+            "preference margin (for `ipo` and `sppo_hard`, it is the regularisation strength they divide by). A "
+            "negative beta trains the opposite preference while the reward metrics, scaled by it, look like success; "
+            "0 learns nothing. Use a positive value, e.g. 0.1 (the default)."
+        )
 
 
 @contextlib.contextmanager

@@ -37,12 +37,8 @@ def rdpo(batch: PreferenceLogps, config) -> PreferenceLossOutput:
     return PreferenceLossOutput(losses, {"length_difference": length_difference})
 
 
-def _check_npo_beta(config) -> None:
-    if not config.beta > 0:
-        raise ValueError(f"`beta` must be > 0 for `npo` (it divides the loss), got {config.beta}.")
-
-
-@register_dpo_loss("npo", citation=citations.NPO, validate=_check_npo_beta, rejected_only=True)
+# `beta > 0`, which NPO divides by, is checked with every loss's (`trl_ext.dpo._check_beta`).
+@register_dpo_loss("npo", citation=citations.NPO, rejected_only=True)
 def npo(batch: PreferenceLogps, config) -> torch.Tensor:
     """NPO on the rejected completion of each pair (the chosen one is not used, and may be missing from the data)."""
     return npo_loss(batch.rejected_logratios, config.beta)

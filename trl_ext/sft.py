@@ -15,6 +15,7 @@ from datasets import Dataset, IterableDataset
 from peft import PeftModel
 
 from . import citations
+from .config_checks import check_training_fields
 from .data import warn_if_words_glue
 from .embedded import resolve_model_and_args
 from .ift import check_parameters_are_whole
@@ -133,6 +134,7 @@ def _check_loss_type_name(loss_type: str, trl_names: tuple[str, ...] = TRL_SFT_L
 def validate_sft_config(args: trl.SFTConfig) -> None:
     """Raises a `ValueError` naming the field and the fix if `args` asks for something trl_ext cannot honour."""
     _check_loss_type_name(args.loss_type)
+    check_training_fields(args)
     uses_reference = args.loss_type in registered_sft_losses() and registered_sft_loss(args.loss_type).reference
     if getattr(args, "precompute_ref_log_probs", False) and not uses_reference:
         raise ValueError(
