@@ -2,16 +2,19 @@
 model, the command line in-process (`trl_ext.cli.main`, its stderr and exit status). Each refusal names the field,
 flag or row, what was found and the fix."""
 
+import logging
 import math
 import re
 
 import pytest
 import trl
+from datasets import Dataset
+from transformers import AutoTokenizer
 
-from trl_ext import DPOConfig, DPOTrainer, SFTConfig, registered_dpo_losses
+from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, registered_dpo_losses
 from trl_ext.trl_contract import TRL_DPO_LOSS_TYPES
 
-from .conftest import make_config
+from .conftest import make_config, preference_rows
 
 BETA_READERS = [name for name in TRL_DPO_LOSS_TYPES + registered_dpo_losses() if name != "sft"]
 
@@ -60,3 +63,77 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path, config_cls):
     with pytest.raises(ValueError, match=rf"`output_dir` is '{re.escape(str(existing))}', an existing file: "
                                          r"checkpoints and the trained model are saved in a directory"):
         config_cls(output_dir=str(existing))
+
+
+# Case 3: empty completions trained with gradient norm 0.
+def _rows_with_empty_completions(count: int, columns=("chosen", "rejected")) -> Dataset:
+    rows = preference_rows()
+    for column in columns:
+        rows[column] = [""] * count + rows[column][count:]
+    return Dataset.from_dict(rows)
+
+
+def test_empty_completions_are_refused_when_most_rows_have_one(tiny_model_dir, tmp_path):
+    dataset = _rows_with_empty_completions(16)
+    with pytest.raises(ValueError, match=r"^16 of 16 rows of the train dataset have no completion to learn from: 16 "
+                                         r"have an empty completion \(e.g. `chosen` of row 0\)\. That is more than "
+                                         r"half of the rows, so training is refused: fill or drop the rows"):
+        DPOTrainer(model=tiny_model_dir, args=make_config(DPOConfig, tmp_path, loss_type="dpop"),
+                   train_dataset=dataset)
+    # SFT learns a preference dataset's `chosen` as its `completion`
+    with pytest.raises(ValueError, match=r"^9 of 16 rows of the train dataset have no completion to learn from: 9 "
+                                         r"have an empty completion \(e.g. `completion` of row 0\)"):
+        SFTTrainer(model=tiny_model_dir, args=make_config(SFTConfig, tmp_path, loss_type="kl_sft"),
+                   train_dataset=_rows_with_empty_completions(9, ("chosen",)))
+
+
+def test_a_few_empty_completions_are_a_warning(tiny_model_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="trl_ext.data_checks"):
+        DPOTrainer(model=tiny_model_dir, args=make_config(DPOConfig, tmp_path, loss_type="dpop"),
+                   train_dataset=_rows_with_empty_completions(3, ("rejected",)))
+    (warning,) = [record.getMessage() for record in caplog.records if record.name == "trl_ext.data_checks"]
+    assert warning.startswith("3 of 16 rows of the train dataset have no completion to learn from: 3 have an empty "
+                              "completion (e.g. `rejected` of row 0). Training goes on with the others")
+
+
+def test_empty_chat_completions_are_counted(tiny_model_dir, tmp_path):
+    rows = preference_rows()
+    dataset = Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": text}] for text in rows["prompt"]],
+        "chosen": [[{"role": "assistant", "content": text}] for text in rows["chosen"]],
+        "rejected": [[{"role": "assistant", "content": " "}] for _ in rows["rejected"]],
+    })
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = ("{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(ValueError, match=r"16 have an empty completion \(e.g. `rejected` of row 0\)"):
+        DPOTrainer(model=tiny_model_dir, args=make_config(DPOConfig, tmp_path), train_dataset=dataset,
+                   processing_class=tokenizer)
+
+
+# Case 4: every row dropped by truncation, then `num_samples=0`.
+@pytest.mark.parametrize(("trainer_cls", "config_cls"), [(DPOTrainer, DPOConfig), (SFTTrainer, SFTConfig)])
+def test_truncation_that_leaves_no_completion_is_refused(tiny_model_dir, preference_dataset, tmp_path, trainer_cls,
+                                                         config_cls):
+    with pytest.raises(ValueError, match=r"^16 of 16 rows of the train dataset have no completion to learn from: 16 "
+                                         r"have no completion token left after truncation to `max_length=4` \(the "
+                                         r"prompt alone fills it; TRL drops them\)\. .* raise `max_length` above"):
+        trainer_cls(model=tiny_model_dir, args=make_config(config_cls, tmp_path, max_length=4),
+                    train_dataset=preference_dataset)
+
+
+# Case 10: an empty in-memory dataset (a bare StopIteration), None in a cell (`'NoneType' ... 'endswith'`).
+@pytest.mark.parametrize(("trainer_cls", "config_cls"), [(DPOTrainer, DPOConfig), (SFTTrainer, SFTConfig)])
+def test_empty_dataset_and_missing_values_are_named(tiny_model_dir, tmp_path, trainer_cls, config_cls):
+    args = make_config(config_cls, tmp_path)
+    empty = Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []})
+    with pytest.raises(ValueError, match=r"^The train dataset is empty \(0 rows, columns \['prompt', 'chosen', "
+                                         r"'rejected'\]\): give it at least one row"):
+        trainer_cls(model=tiny_model_dir, args=args, train_dataset=empty)
+    rows = preference_rows()
+    rows["rejected"][3] = None
+    with pytest.raises(ValueError, match=r"^The eval dataset has no value \(None\) in `rejected` at row 3: fill it or "
+                                         r"drop the row, e.g. `dataset = dataset.filter\(lambda row: "
+                                         r"row\['rejected'\] is not None\)`"):
+        trainer_cls(model=tiny_model_dir, args=args, train_dataset=Dataset.from_dict(preference_rows()),
+                    eval_dataset=Dataset.from_dict(rows))

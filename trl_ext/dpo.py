@@ -1,6 +1,7 @@
 """Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered in `trl_ext.dpo_losses` to TRL's."""
 
 import contextlib
+import inspect
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -12,6 +13,7 @@ from datasets import Dataset, IterableDataset
 from . import citations, dpo_variants, sdpo, tdpo  # noqa: F401  (dpo_variants, tdpo register their losses)
 from .config_checks import check_training_fields
 from .data import warn_if_words_glue
+from .data_checks import check_completions_left, check_dataset_rows, check_datasets_rows
 from .dpo_losses import (
     LossContext,
     PreferenceLogps,
@@ -197,6 +199,9 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
     def __init__(self, model, ref_model=None, args=None, *trainer_args, **trainer_kwargs):
         model, args = resolve_model_and_args(model, args, DPOConfig, "DPO")
         validate_loss_config(args)
+        arguments = inspect.signature(trl.DPOTrainer.__init__).bind(self, model, ref_model, args, *trainer_args,
+                                                                     **trainer_kwargs).arguments
+        check_datasets_rows(arguments.get("train_dataset"), arguments.get("eval_dataset"))  # before the model loads
         super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
 
         # TRL's loss loop only knows its own names: give it those and keep ours, in the user's order, for later.
@@ -220,11 +225,16 @@ class DPOTrainer(citations.CitesItsLosses, trl.DPOTrainer):
     stage_reference_logps = None
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        check_dataset_rows(dataset, dataset_name)  # also reached by `evaluate(dataset)`
         if _check_preference_columns(dataset, dataset_name, args):
             dataset = dataset.map(_placeholder_chosen)
             self.chosen_is_placeholder = True
         warn_if_words_glue(dataset, dataset_name)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        completions = ("rejected",) if self.chosen_is_placeholder else ("chosen", "rejected")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
+        check_completions_left(dataset, prepared, dataset_name, completions, args.max_length, tokenizer.eos_token)
+        return prepared
 
     def _compute_loss(self, model, inputs, return_outputs):
         if self.stage_reference_logps is not None:

@@ -17,6 +17,7 @@ from peft import PeftModel
 from . import citations
 from .config_checks import check_training_fields
 from .data import warn_if_words_glue
+from .data_checks import check_completions_left, check_dataset_rows, check_datasets_rows
 from .embedded import resolve_model_and_args
 from .ift import check_parameters_are_whole
 from .packed import rows_per_sequence
@@ -239,6 +240,7 @@ class SFTTrainer(citations.CitesItsLosses, trl.SFTTrainer):
         uses_reference = registered is not None and registered.reference
         if uses_reference and ref_model is None and starts_from_trained_adapter:
             keep_starting_adapter_as_reference(model)
+        check_datasets_rows(train_dataset, eval_dataset)  # before the model loads
         # Mapped before TRL sees them: TRL picks `completion_only_loss` from the raw columns.
         train_dataset = _chosen_as_completion(train_dataset, "train")
         if isinstance(eval_dataset, dict):
@@ -255,9 +257,14 @@ class SFTTrainer(citations.CitesItsLosses, trl.SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # Also reached by `evaluate(dataset)`, after construction
+        check_dataset_rows(dataset, dataset_name)
         dataset = _chosen_as_completion(dataset, dataset_name)
         warn_if_words_glue(dataset, dataset_name)
-        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
+        check_completions_left(dataset, dataset if packing else prepared, dataset_name,
+                               ("completion", args.dataset_text_field, "messages"), args.max_length, tokenizer.eos_token)
+        return prepared
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
