@@ -2,21 +2,41 @@
 model, the command line in-process (`trl_ext.cli.main`, its stderr and exit status). Each refusal names the field,
 flag or row, what was found and the fix."""
 
+import json
 import logging
 import math
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import trl
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, registered_dpo_losses
-from trl_ext.trl_contract import TRL_DPO_LOSS_TYPES
+from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, cli, registered_dpo_losses, registered_sft_losses
+from trl_ext.data import load_dataset_any
+from trl_ext.trl_contract import TRL_DPO_LOSS_TYPES, TRL_SFT_LOSS_TYPES
 
 from .conftest import make_config, preference_rows
 
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = str(ROOT / "recipes/data/penn_pairs_sample.jsonl")
 BETA_READERS = [name for name in TRL_DPO_LOSS_TYPES + registered_dpo_losses() if name != "sft"]
+
+
+def refusal(argv: list[str], capsys) -> tuple[int, str]:
+    """`trl-ext ARGV`'s exit status and its one `error:` line; fails if it printed a traceback or more errors."""
+    status = cli.main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return status, errors[0]
+
+
+def command(subcommand: str, model: str, dataset: str, output_dir, *flags: str) -> list[str]:
+    return [subcommand, "--model_name_or_path", model, "--dataset_name", dataset, "--output_dir", str(output_dir),
+            *flags]
 
 
 # Case 1 and 2: beta <= 0 trained silently (the opposite preference, or nothing).
@@ -41,6 +61,12 @@ def test_trl_config_with_negative_beta_is_refused_by_the_trainer(tiny_model_dir,
         DPOTrainer(model=tiny_model_dir, args=args, train_dataset=preference_dataset)
 
 
+def test_beta_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    status, error = refusal(command("dpo", tiny_model_dir, SAMPLE, tmp_path, "--loss_type", "dpop", "--beta", "-1"),
+                            capsys)
+    assert status == 2 and error.startswith("error: `beta` must be > 0 for `dpop`, got -1.0: it scales")
+
+
 # Case 5 (and the other counts transformers accepts), case 11: at config construction.
 @pytest.mark.parametrize("config_cls", [DPOConfig, SFTConfig])
 @pytest.mark.parametrize(("field", "value", "message"), [
@@ -63,6 +89,17 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path, config_cls):
     with pytest.raises(ValueError, match=rf"`output_dir` is '{re.escape(str(existing))}', an existing file: "
                                          r"checkpoints and the trained model are saved in a directory"):
         config_cls(output_dir=str(existing))
+
+
+def test_batch_size_and_output_dir_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    status, error = refusal(command("dpo", tiny_model_dir, SAMPLE, tmp_path, "--per_device_train_batch_size", "0"),
+                            capsys)
+    assert status == 2 and error == "error: `per_device_train_batch_size` must be an integer >= 1, got 0: set it to 1 " \
+                                    "or more."
+    existing = tmp_path / "taken"
+    existing.write_text("")
+    status, error = refusal(command("sft", tiny_model_dir, SAMPLE, existing), capsys)
+    assert status == 2 and error.startswith(f"error: `output_dir` is '{existing}', an existing file")
 
 
 # Case 3: empty completions trained with gradient norm 0.
@@ -122,6 +159,59 @@ def test_truncation_that_leaves_no_completion_is_refused(tiny_model_dir, prefere
                     train_dataset=preference_dataset)
 
 
+# Case 6 and 7: a directory without a model, a path that does not exist.
+def test_model_paths_that_are_not_models_are_refused_before_loading(preference_dataset, tmp_path, monkeypatch):
+    empty = tmp_path / "my-model"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("")
+    with pytest.raises(ValueError, match=rf"^`model` is '{re.escape(str(empty))}', a directory without a model: no "
+                                         r"config.json \(it holds \['notes.txt'\]\)\. Give the directory "
+                                         r"`save_pretrained` wrote"):
+        DPOTrainer(model=str(empty), args=make_config(DPOConfig, tmp_path), train_dataset=preference_dataset)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"^`model` is './no-such-model', which looks like a local path but does not "
+                                         rf"exist \({re.escape(str(tmp_path))}/no-such-model, relative to the working "
+                                         r"directory"):
+        SFTTrainer(model="./no-such-model", args=make_config(SFTConfig, tmp_path), train_dataset=preference_dataset)
+    with pytest.raises(ValueError, match=r"^`model` is 'outputs/sft/merged', which looks like a local path"):
+        SFTTrainer(model="outputs/sft/merged", args=make_config(SFTConfig, tmp_path), train_dataset=preference_dataset)
+
+
+@pytest.mark.parametrize("subcommand", ["dpo", "sft"])
+def test_model_paths_on_the_command_line(tmp_path, capsys, subcommand):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    status, error = refusal(command(subcommand, str(empty), SAMPLE, tmp_path / "out"), capsys)
+    assert status == 1 and error.startswith(f"error: `--model_name_or_path` is '{empty}', a directory without a "
+                                            "model: no config.json (it is empty).")
+    status, error = refusal(command(subcommand, str(tmp_path / "nope"), SAMPLE, tmp_path / "out"), capsys)
+    assert status == 1 and error.startswith(f"error: `--model_name_or_path` is '{tmp_path / 'nope'}', which looks "
+                                            "like a local path but does not exist")
+
+
+# Case 8: a mistyped relative data path went to the hub.
+def test_a_local_looking_dataset_path_that_does_not_exist_never_reaches_the_hub(tiny_model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, error = refusal(command("dpo", tiny_model_dir, "my_pairs.jsonl", tmp_path / "out"), capsys)
+    assert status == 1 and error == (
+        f"error: `--dataset_name` is 'my_pairs.jsonl', which looks like a local path but does not exist "
+        f"({tmp_path}/my_pairs.jsonl, relative to the working directory {tmp_path}); it is not looked up on the hub. "
+        "Give an existing file (.json, .jsonl, .csv, .parquet) or directory, or a hub dataset name such as "
+        "`trl-lib/ultrafeedback_binarized`.")
+    with pytest.raises(ValueError, match=r"^`name_or_path` is './data/pairs', which looks like a local path"):
+        load_dataset_any("./data/pairs")
+
+
+# Case 9: missing flags.
+def test_missing_model_or_dataset_flag_is_named(tiny_model_dir, tmp_path, capsys):
+    status, error = refusal(["dpo", "--dataset_name", SAMPLE, "--output_dir", str(tmp_path)], capsys)
+    assert status == 2 and error == ("error: `--model_name_or_path` is required, as a flag or in the `--config` file: "
+                                     "a hub id, a local model directory or `embedded:smollm2-135m-instruct`.")
+    status, error = refusal(["sft", "--model_name_or_path", tiny_model_dir, "--output_dir", str(tmp_path)], capsys)
+    assert status == 2 and error.startswith("error: `--dataset_name` is required, as a flag or in the `--config` file")
+
+
 # Case 10: an empty in-memory dataset (a bare StopIteration), None in a cell (`'NoneType' ... 'endswith'`).
 @pytest.mark.parametrize(("trainer_cls", "config_cls"), [(DPOTrainer, DPOConfig), (SFTTrainer, SFTConfig)])
 def test_empty_dataset_and_missing_values_are_named(tiny_model_dir, tmp_path, trainer_cls, config_cls):
@@ -137,3 +227,57 @@ def test_empty_dataset_and_missing_values_are_named(tiny_model_dir, tmp_path, tr
                                          r"row\['rejected'\] is not None\)`"):
         trainer_cls(model=tiny_model_dir, args=args, train_dataset=Dataset.from_dict(preference_rows()),
                     eval_dataset=Dataset.from_dict(rows))
+
+
+# Case 12: every command-line error came after a ~20-line traceback.
+def test_the_traceback_is_behind_debug(tmp_path, monkeypatch):
+    argv = ["dpo", "--dataset_name", SAMPLE, "--output_dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="`--model_name_or_path` is required"):
+        cli.main(["--debug", *argv])
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
+    with pytest.raises(ValueError, match="`--model_name_or_path` is required"):
+        cli.main(argv)
+
+
+def test_errors_outside_trl_ext_keep_their_traceback():
+    """A ValueError that trl_ext's checks did not raise may be a bug: it is not shortened to one line."""
+    with pytest.raises(json.JSONDecodeError):
+        cli.run_command(json.loads, lambda: ("{",))
+
+
+def test_a_bad_flag_value_is_one_line(capsys):
+    status, error = refusal(["dpo", "--beta", "high"], capsys)
+    assert status == 2 and error == "error: argument --beta: invalid float value: 'high' (`--help` lists the flags)"
+
+
+def test_a_relative_config_path_says_where_it_is_read_from(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, error = refusal(["dpo", "--config", "recipes/configs/dpop_smollm2.yaml"], capsys)
+    assert status == 2 and error == (
+        f"error: `--config recipes/configs/dpop_smollm2.yaml`: no such file in the working directory {tmp_path}. The "
+        f"path is relative to the repository root: run from {ROOT}, or give `--config "
+        f"{ROOT}/recipes/configs/dpop_smollm2.yaml`.")
+
+
+# Case 13: help text, the Penn experiment without matplotlib.
+@pytest.mark.parametrize(("subcommand", "loss_types"), [
+    ("dpo", TRL_DPO_LOSS_TYPES + registered_dpo_losses()), ("sft", TRL_SFT_LOSS_TYPES + registered_sft_losses()),
+])
+def test_help_lists_every_loss_type_and_names_the_subcommand(capsys, subcommand, loss_types):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([subcommand, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith(f"usage: trl-ext {subcommand} [-h]")
+    help_text = " ".join(out.split("--loss_type LOSS_TYPE", 2)[2].split("\n  --", 1)[0].split())
+    assert set(loss_types) <= set(re.findall(r"\w+", help_text)) and "trl_ext's" in help_text
+
+
+def test_penn_without_matplotlib_refuses_before_training(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    output_dir = tmp_path / "penn"
+    status, error = refusal(["penn", "--quick", "--methods", "sft", "--model_name_or_path", tiny_model_dir,
+                             "--output_dir", str(output_dir)], capsys)
+    assert status == 1 and error == ("error: The Penn experiment draws its plots with matplotlib, which is not "
+                                     "installed: install the recipes' extras with `pip install -e "
+                                     "'.[embedded,recipes]'` in the checkout.")
+    assert not output_dir.exists()

@@ -77,6 +77,13 @@ class DPOConfig(trl.DPOConfig):
             Works with any `loss_type`; `1` is plain training.
     """
 
+    # TRL's help lists only its own values; `--help` lists trl_ext's too.
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": f"Loss types to combine (with `loss_weights`): TRL's {', '.join(TRL_DPO_LOSS_TYPES)}; "
+                          f"trl_ext's {', '.join(registered_dpo_losses())}; or a loss registered with "
+                          "`trl_ext.register_dpo_loss`."},
+    )
     dpop_lambda: float = field(
         default=50.0,
         metadata={"help": "Weight of the DPOP penalty (>= 0; 0 is exactly DPO). Used by `dpop` and `dpop_norm`."},

@@ -92,7 +92,9 @@ class SFTConfig(trl.SFTConfig):
     # users register parse, and `validate_sft_config` names the valid ones.
     loss_type: str = field(
         default="nll",
-        metadata={"help": "TRL's loss types (`nll`, `dft`), trl_ext's `kl_sft` or `ift`, or a registered SFT loss."},
+        metadata={"help": f"Loss type: TRL's {', '.join(TRL_SFT_LOSS_TYPES)}; trl_ext's "
+                          f"{', '.join(registered_sft_losses())}; or a loss registered with "
+                          "`trl_ext.register_sft_loss`."},
     )
     kl_coef: float = field(default=0.1, metadata={"help": "Weight of the KL-SFT penalty (>= 0; 0 is exactly `nll`)."})
     kl_penalty: str = field(
