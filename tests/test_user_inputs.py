@@ -5,7 +5,9 @@ flag or row, what was found and the fix."""
 import json
 import logging
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from transformers import AutoTokenizer
 
 from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, cli, registered_dpo_losses, registered_sft_losses
 from trl_ext.data import load_dataset_any
+from trl_ext.quiet_imports import DROPPED, without_bitsandbytes_cpu_kernel_notice
 from trl_ext.trl_contract import TRL_DPO_LOSS_TYPES, TRL_SFT_LOSS_TYPES
 
 from .conftest import make_config, preference_rows
@@ -259,7 +262,7 @@ def test_a_relative_config_path_says_where_it_is_read_from(tmp_path, capsys, mon
         f"{ROOT}/recipes/configs/dpop_smollm2.yaml`.")
 
 
-# Case 13: help text, the Penn experiment without matplotlib.
+# Case 13: help text, the Penn experiment without matplotlib, bitsandbytes' notice.
 @pytest.mark.parametrize(("subcommand", "loss_types"), [
     ("dpo", TRL_DPO_LOSS_TYPES + registered_dpo_losses()), ("sft", TRL_SFT_LOSS_TYPES + registered_sft_losses()),
 ])
@@ -281,3 +284,27 @@ def test_penn_without_matplotlib_refuses_before_training(tiny_model_dir, tmp_pat
                                      "installed: install the recipes' extras with `pip install -e "
                                      "'.[embedded,recipes]'` in the checkout.")
     assert not output_dir.exists()
+
+
+def test_bitsandbytes_cpu_kernel_notice_alone_is_dropped(caplog):
+    (logger_name, notice), (kernels_logger, trust_notice) = DROPPED
+    with caplog.at_level(logging.WARNING), without_bitsandbytes_cpu_kernel_notice():
+        logging.getLogger(logger_name).warning(notice + ": no kernel. Please make sure ...")
+        logging.getLogger(kernels_logger).warning(trust_notice + " because Hugging Face Hub is in offline mode.")
+        logging.getLogger(logger_name).warning("Some other bitsandbytes warning")
+    logging.getLogger(logger_name).warning(notice + ": after trl_ext's imports")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Some other bitsandbytes warning", notice + ": after trl_ext's imports"]
+
+
+@pytest.mark.e2e
+def test_a_recipe_script_refuses_in_one_line_without_the_bitsandbytes_notice(tmp_path):
+    """`python recipes/dpo.py` as a user runs it: the refusal is the last line, with no traceback, and bitsandbytes'
+    CPU-kernel notice (printed on CPUs with AVX512-BF16) is not on stderr."""
+    result = subprocess.run([sys.executable, "recipes/dpo.py", "--model_name_or_path", "./no-such-model",
+                             "--dataset_name", SAMPLE, "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: `--model_name_or_path` is './no-such-model', which looks like a local path but does not exist")
+    assert not [line for _, notice in DROPPED for line in result.stderr.splitlines() if notice in line]
