@@ -108,7 +108,9 @@ PRIVATE_METHODS = (
     # ...and, in sDPO, precomputes the reference log-probs again at each stage boundary, after setting the model hash
     # of their cache key (`_precompute_model_hash`) to the new reference's
     PrivateMethod(trl.DPOTrainer, "_precompute_ref_logps", ("self", "dataset", "name", "batch_size")),
-    # trl_ext.SFTTrainer maps preference datasets to completions before TRL prepares them
+    # trl_ext.SFTTrainer maps preference datasets to completions before TRL prepares them. Both trainers count the
+    # rows TRL's preparation drops (those truncation leaves no completion token) and the empty completions of the
+    # rows it keeps, in order, with their text columns (EOS appended) beside the token ids (`trl_ext.data_checks`)
     PrivateMethod(trl.SFTTrainer, "_prepare_dataset",
                   ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")),
     # ...keeps its precomputed reference column through transformers' column pruning (`_signature_columns`)
