@@ -16,7 +16,17 @@ import trl
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer, cli, registered_dpo_losses, registered_sft_losses
+from trl_ext import (
+    DPOConfig,
+    DPOTrainer,
+    SFTConfig,
+    SFTTrainer,
+    cli,
+    embedded,
+    registered_dpo_losses,
+    registered_sft_losses,
+    resolve_model_name,
+)
 from trl_ext.data import load_dataset_any
 from trl_ext.quiet_imports import DROPPED, without_bitsandbytes_cpu_kernel_notice
 from trl_ext.trl_contract import TRL_DPO_LOSS_TYPES, TRL_SFT_LOSS_TYPES
@@ -284,6 +294,17 @@ def test_penn_without_matplotlib_refuses_before_training(tiny_model_dir, tmp_pat
                                      "installed: install the recipes' extras with `pip install -e "
                                      "'.[embedded,recipes]'` in the checkout.")
     assert not output_dir.exists()
+
+
+def test_embedded_model_without_gguf_names_the_extra(tmp_path, monkeypatch):
+    """The `[embedded]` extra: converting the embedded model (its first use) without gguf is refused, not a
+    traceback through transformers."""
+    monkeypatch.setenv(embedded.CACHE_ENV_VAR, str(tmp_path))
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(ModuleNotFoundError, match=r"^Converting the embedded model needs the `gguf` package, which is "
+                                                  r"not installed: install trl-ext's `\[embedded\]` extra"):
+        resolve_model_name("embedded:smollm2-135m-instruct")
+    assert [path.suffix for path in (tmp_path / "embedded").iterdir()] == [".lock"]  # no half-converted checkpoint
 
 
 def test_bitsandbytes_cpu_kernel_notice_alone_is_dropped(caplog):

