@@ -9,6 +9,9 @@ python recipes/merge_adapter.py --adapter_dir outputs/llama2-sft --output_dir ou
 ```
 """
 
+if not __package__:  # run as a file: through the `recipes` package, which imports trl_ext first
+    import _package  # noqa: F401
+
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -329,3 +329,13 @@ def test_a_recipe_script_refuses_in_one_line_without_the_bitsandbytes_notice(tmp
     assert result.stderr.splitlines()[-1].startswith(
         "error: `--model_name_or_path` is './no-such-model', which looks like a local path but does not exist")
     assert not [line for _, notice in DROPPED for line in result.stderr.splitlines() if notice in line]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("script", ["recipes/penn_experiment.py", "recipes/llama2_sft.py", "recipes/merge_adapter.py"])
+def test_recipes_that_import_peft_print_no_bitsandbytes_notice(script):
+    """These recipes import peft (hence bitsandbytes) themselves; run as files, they import trl_ext first."""
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0 and result.stdout.startswith("usage: ")
+    assert not [line for _, notice in DROPPED for line in result.stderr.splitlines() if notice in line]

@@ -18,18 +18,20 @@ logger = logging.getLogger(__name__)
 TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion", "text", "messages")
 
 
-def _is_counted(dataset) -> bool:
+def _is_map_style(dataset) -> bool:
     return isinstance(dataset, Dataset)
 
 
 def check_dataset_rows(dataset, dataset_name: str) -> None:
     """Raises a `ValueError` if `dataset` (map-style) has no row, or a `None` in one of its text columns."""
-    if not _is_counted(dataset):
+    if not _is_map_style(dataset):
         return
     if len(dataset) == 0:
         raise ValueError(f"The {dataset_name} dataset is empty (0 rows, columns {dataset.column_names}): give it at "
                          "least one row, e.g. check the filter or split that built it.")
     columns = [column for column in TEXT_COLUMNS if column in dataset.column_names]
+    if not columns:  # tokenized rows
+        return
     offset = 0
     for batch in dataset.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
         for column in columns:
@@ -83,7 +85,7 @@ def check_completions_left(dataset, kept, dataset_name: str, completion_columns,
 
     Relies on TRL's `_prepare_dataset` keeping the text columns (with the EOS it appends) next to the token ids.
     """
-    if not (_is_counted(dataset) and _is_counted(kept)):
+    if not (_is_map_style(dataset) and _is_map_style(kept)):
         return
     truncated = len(dataset) - len(kept)
     empty = sum(1 for _ in _empty_completion_rows(kept, completion_columns, eos_token))
