@@ -12,8 +12,8 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 
 from ..data import load_dataset_any, space_completions
 from ..embedded import resolve_model_name
-from ..paths import check_dataset_path, check_model_path
 from ..generation_eval import GenerationEvalCallback
+from ..paths import check_dataset_path, check_model_path
 from ..scorers import DistinctN, RegexMatch, RepeatedNgrams
 
 
@@ -57,11 +57,12 @@ def parse_command_line(argument_types: tuple, argv: list[str] | None, prog: str 
     argv = list(sys.argv[1:] if argv is None else argv)
     check_config_file(argv)
     parsed = CommandParser(argument_types, prog=prog).parse_args_and_config(args=argv)
-    values = {flag: getattr(arguments, flag[2:]) for arguments in parsed for flag in REQUIRED_FLAGS
-              if isinstance(arguments, ModelConfig | ScriptArguments) and hasattr(arguments, flag[2:])}
-    for flag, takes in REQUIRED_FLAGS.items():
-        if not values.get(flag):
-            raise ValueError(f"`{flag}` is required, as a flag or in the `--config` file: {takes}.")
+    model_args = next(arguments for arguments in parsed if isinstance(arguments, ModelConfig))
+    script_args = next(arguments for arguments in parsed if isinstance(arguments, ScriptArguments))
+    for flag, value in (("--model_name_or_path", model_args.model_name_or_path),
+                        ("--dataset_name", script_args.dataset_name)):
+        if not value:
+            raise ValueError(f"`{flag}` is required, as a flag or in the `--config` file: {REQUIRED_FLAGS[flag]}.")
     return parsed
 
 
