@@ -17,7 +17,10 @@ accelerate launch recipes/dpo.py --config recipes/configs/dpop_smollm2.yaml \
 `trl-ext dpo` (`trl_ext/scripts/dpo.py`).
 """
 
+import sys
+
+from trl_ext.cli import run_command
 from trl_ext.scripts.dpo import main, parse_args  # the script behind `trl-ext dpo`
 
 if __name__ == "__main__":
-    main(*parse_args())
+    sys.exit(run_command(main, parse_args))

@@ -15,15 +15,17 @@ Reads `recipes/configs/llama2_dpo.yaml` unless `--config` names another file; ev
 if not __package__:  # run as a file: import the sibling recipes from the `recipes` package
     import _package  # noqa: F401
 
+import sys
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
 from recipes import stack_exchange
 from recipes.recipe_utils import with_default_config
 from trl_ext import DPOConfig, DPOTrainer
+from trl_ext.cli import run_command
 from trl_ext.data import prepare_preference_pairs
-from trl_ext.scripts.common import model_and_tokenizer, reward_summary, train_and_save
+from trl_ext.scripts.common import CommandParser, model_and_tokenizer, reward_summary, train_and_save
 
 
 @dataclass
@@ -63,9 +65,9 @@ def main(data_args: DPODataArguments, training_args: DPOConfig, model_args: Mode
 def parse_args(argv: list[str] | None = None) -> tuple[DPODataArguments, DPOConfig, ModelConfig]:
     """The arguments `main` takes, from `argv` (default: the command line) read over `configs/llama2_dpo.yaml` unless
     `argv` names a `--config`: `accelerate launch recipes/llama2_dpo.py ARGV`."""
-    parser = TrlParser((DPODataArguments, DPOConfig, ModelConfig))
+    parser = CommandParser((DPODataArguments, DPOConfig, ModelConfig))
     return parser.parse_args_and_config(args=with_default_config(argv, "llama2_dpo.yaml"))
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    sys.exit(run_command(main, parse_args))

@@ -18,15 +18,17 @@ Reads `recipes/configs/llama2_sft.yaml` unless `--config` names another file; ev
 if not __package__:  # run as a file: import the sibling recipes from the `recipes` package
     import _package  # noqa: F401
 
+import sys
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, get_peft_config
 
 from recipes import stack_exchange
 from recipes.merge_adapter import merge_adapter
 from recipes.recipe_utils import with_default_config
 from trl_ext import SFTConfig, SFTTrainer
-from trl_ext.scripts.common import model_and_tokenizer, train_and_save
+from trl_ext.cli import run_command
+from trl_ext.scripts.common import CommandParser, model_and_tokenizer, train_and_save
 
 
 @dataclass
@@ -65,9 +67,9 @@ def main(data_args: SFTDataArguments, training_args: SFTConfig, model_args: Mode
 def parse_args(argv: list[str] | None = None) -> tuple[SFTDataArguments, SFTConfig, ModelConfig]:
     """The arguments `main` takes, from `argv` (default: the command line) read over `configs/llama2_sft.yaml` unless
     `argv` names a `--config`: `accelerate launch recipes/llama2_sft.py ARGV`."""
-    parser = TrlParser((SFTDataArguments, SFTConfig, ModelConfig))
+    parser = CommandParser((SFTDataArguments, SFTConfig, ModelConfig))
     return parser.parse_args_and_config(args=with_default_config(argv, "llama2_sft.yaml"))
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    sys.exit(run_command(main, parse_args))

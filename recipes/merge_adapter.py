@@ -9,13 +9,19 @@ python recipes/merge_adapter.py --adapter_dir outputs/llama2-sft --output_dir ou
 ```
 """
 
+if not __package__:  # run as a file: through the `recipes` package, which imports trl_ext first
+    import _package  # noqa: F401
+
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoTokenizer
-from trl import TrlParser
+
+from trl_ext.cli import run_command
+from trl_ext.scripts.common import CommandParser
 
 
 @dataclass
@@ -45,8 +51,8 @@ def main(merge_args: MergeArguments) -> str:
 
 def parse_args(argv: list[str] | None = None) -> tuple[MergeArguments]:
     """The arguments `main` takes, from `argv` (default: the command line): `python recipes/merge_adapter.py ARGV`."""
-    return TrlParser((MergeArguments,)).parse_args_and_config(args=argv)
+    return CommandParser((MergeArguments,)).parse_args_and_config(args=argv)
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    sys.exit(run_command(main, parse_args))

@@ -21,8 +21,10 @@ import json
 import math
 import random
 import re
+import sys
 from pathlib import Path
 
+from trl_ext.cli import run_command
 from trl_ext.scorers import PENN_PATTERN
 
 # Verb phrases ending where a place or thing is named: (base, past, third person present, gerund).
@@ -237,4 +239,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    sys.exit(run_command(main, parse_args))

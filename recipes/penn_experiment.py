@@ -49,7 +49,9 @@ from recipes.penn_judge import judge_pairs
 from recipes.penn_report import plot, report, settings_summary, write_json_atomically
 from recipes.penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
 from recipes.penn_seeds import aggregate, seeds_report
+from trl_ext.cli import run_command
 from trl_ext.data import load_dataset_any, space_completions
+from trl_ext.paths import check_dataset_path, check_model_path
 
 
 def load_splits(args: PennArguments) -> DatasetDict:
@@ -167,7 +169,19 @@ def compare_over_seeds(setup: PennSetup) -> dict:
     return summary
 
 
+def check_inputs(setup: PennSetup) -> None:
+    """Refuses, before anything trains, a model or data path that does not exist and a missing plotting library."""
+    check_model_path(setup.model.model_name_or_path, "--model_name_or_path")
+    check_dataset_path(setup.args.dataset_name, "--dataset_name")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("The Penn experiment draws its plots with matplotlib, which is not installed: install the "
+                          "recipes' extras with `pip install -e '.[embedded,recipes]'` in the checkout.") from None
+
+
 def main(setup: PennSetup) -> dict:
+    check_inputs(setup)
     args = setup.args
     if args.quick:  # and a few training steps: see `method_config`
         args.max_new_tokens, args.curve_every = 16, min(args.curve_every, 2)
@@ -225,10 +239,11 @@ def main(setup: PennSetup) -> dict:
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[PennSetup]:
-    """The arguments `main` takes, from `argv` (default: the command line): `python recipes/penn_experiment.py ARGV`."""
-    return (parse_setup(sys.argv[1:] if argv is None else argv),)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple[PennSetup]:
+    """The arguments `main` takes, from `argv` (default: the command line): `python recipes/penn_experiment.py ARGV`;
+    `prog` names the command in `--help`."""
+    return (parse_setup(sys.argv[1:] if argv is None else argv, prog),)
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    sys.exit(run_command(main, parse_args))

@@ -15,7 +15,10 @@ ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/multi
 The same script runs as `trl-ext sft` (`trl_ext/scripts/sft.py`).
 """
 
+import sys
+
+from trl_ext.cli import run_command
 from trl_ext.scripts.sft import main, parse_args  # the script behind `trl-ext sft`
 
 if __name__ == "__main__":
-    main(*parse_args())
+    sys.exit(run_command(main, parse_args))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from datasets import load_dataset
 
+from trl_ext.paths import check_dataset_path
+
 HUB_DATASET = "lvwerra/stack-exchange-paired"
 SAMPLE = str(Path(__file__).parent / "data" / "stack_exchange_sample")
 COLUMNS = ("question", "response_j", "response_k")
@@ -16,6 +18,7 @@ COLUMNS = ("question", "response_j", "response_k")
 
 def load_split(name_or_path: str, data_dir: str, streaming: bool = False):
     """The `train` split of `data_dir` in the hub dataset or a local directory with the same layout."""
+    check_dataset_path(name_or_path, "dataset_name")
     dataset = load_dataset(name_or_path, data_dir=data_dir, split="train", streaming=streaming)
     missing = set(COLUMNS) - set(dataset.column_names or COLUMNS)
     if missing:

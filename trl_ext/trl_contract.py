@@ -130,7 +130,9 @@ PRIVATE_METHODS = (
     # ...overrides the reference precompute (to keep 4-bit layers differentiable first) and, in stepwise DPO, runs it
     # again at each stage boundary, after setting the model hash of its cache key (`_precompute_model_hash`)
     PrivateMethod(trl.DPOTrainer, "_precompute_ref_logps", ("self", "dataset", "name", "batch_size")),
-    # trl_ext.SFTTrainer maps preference datasets to completions before TRL prepares them
+    # trl_ext.SFTTrainer maps preference datasets to completions before TRL prepares them. Both trainers count the
+    # rows TRL's preparation drops (those truncation leaves no completion token) and the empty completions of the
+    # rows it keeps, in order, with their text columns (EOS appended) beside the token ids (`trl_ext.data_checks`)
     PrivateMethod(trl.SFTTrainer, "_prepare_dataset",
                   ("self", "dataset", "processing_class", "args", "packing", "formatting_func", "dataset_name")),
     # ...keeps its precomputed reference column through transformers' column pruning (`_signature_columns`)

@@ -26,12 +26,8 @@ def npo_loss(rejected_logratios: torch.Tensor, beta: float) -> torch.Tensor:
     return (2 / beta) * F.softplus(beta * rejected_logratios)
 
 
-def _check_npo_beta(config) -> None:
-    if not config.beta > 0:
-        raise ValueError(f"`beta` must be > 0 for `npo` (it divides the loss), got {config.beta}.")
-
-
-@register_dpo_loss("npo", citation=PAPER, validate=_check_npo_beta, rejected_only=True)
+# `beta > 0`, which NPO divides by, is checked with every loss's (`trl_ext.trainers.dpo_config`).
+@register_dpo_loss("npo", citation=PAPER, rejected_only=True)
 def npo(batch: PreferenceLogps, config) -> torch.Tensor:
     """NPO on the rejected completion of each pair (the chosen one is not used, and may be missing from the data)."""
     return npo_loss(batch.rejected_logratios, config.beta)

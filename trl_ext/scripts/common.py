@@ -1,17 +1,75 @@
-"""Helpers of the training scripts (`trl-ext dpo|sft`, the recipes): model loading arguments, training, printed
-summaries."""
+"""Helpers of the training scripts (`trl-ext dpo|sft`, the recipes): their argument parser and its checks, model
+loading arguments, training, printed summaries."""
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from ..data import load_dataset_any, space_completions
 from ..embedded import resolve_model_name
 from ..generation_eval import GenerationEvalCallback
+from ..paths import check_dataset_path, check_model_path
 from ..scorers import DistinctN, RegexMatch, RepeatedNgrams
+
+
+# The repository checkout trl_ext is installed from (`pip install -e .`), where `recipes/configs/` lives
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+class CommandParser(TrlParser):
+    """`TrlParser` whose errors raise a `ValueError` with argparse's message, which the command line prints as one
+    line, instead of printing the usage of every config field and exiting."""
+
+    def error(self, message: str):
+        raise ValueError(f"{message} (`--help` lists the flags)")
+
+
+def check_config_file(argv: list[str]) -> None:
+    """Raises a `ValueError` if `--config PATH` in `argv` names no file, saying where relative paths are read from."""
+    configs = [word.partition("=")[2] if word.startswith("--config=") else following
+               for word, following in zip(argv, [*argv[1:], None])
+               if word == "--config" or word.startswith("--config=")]
+    config = configs[0] if configs else None
+    if config is None or Path(config).is_file():
+        return
+    hint = ""
+    if not Path(config).is_absolute() and (CHECKOUT / config).is_file():
+        hint = (f" The path is relative to the repository root: run from {CHECKOUT}, or give "
+                f"`--config {CHECKOUT / config}`.")
+    raise ValueError(f"`--config {config}`: no such file in the working directory {Path.cwd()}.{hint}")
+
+
+# What each required flag takes
+REQUIRED_FLAGS = {
+    "--model_name_or_path": "a hub id, a local model directory or `embedded:smollm2-135m-instruct`",
+    "--dataset_name": "a hub dataset, or a local .json, .jsonl, .csv or .parquet file or a directory",
+}
+
+
+def parse_command_line(argument_types: tuple, argv: list[str] | None, prog: str | None) -> tuple:
+    """One instance of each of `argument_types` (`ScriptArguments` and `ModelConfig` among them) from `argv`
+    (default: the command line) and `--config`; a missing `--model_name_or_path` or `--dataset_name` is refused."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_config_file(argv)
+    parsed = CommandParser(argument_types, prog=prog).parse_args_and_config(args=argv)
+    model_args = next(arguments for arguments in parsed if isinstance(arguments, ModelConfig))
+    script_args = next(arguments for arguments in parsed if isinstance(arguments, ScriptArguments))
+    for flag, value in (("--model_name_or_path", model_args.model_name_or_path),
+                        ("--dataset_name", script_args.dataset_name)):
+        if not value:
+            raise ValueError(f"`{flag}` is required, as a flag or in the `--config` file: {REQUIRED_FLAGS[flag]}.")
+    return parsed
+
+
+def check_input_paths(script_args: ScriptArguments, model_args: ModelConfig) -> None:
+    """Refuses a model or dataset name that looks like a local path but is not one, before anything loads."""
+    check_model_path(model_args.model_name_or_path, "--model_name_or_path")
+    check_dataset_path(script_args.dataset_name, "--dataset_name")
 
 
 @dataclass
@@ -82,6 +140,7 @@ def model_init_kwargs(model_args: ModelConfig, configured: dict | None) -> dict:
 def model_and_tokenizer(model_args: ModelConfig, training_args) -> tuple[str, AutoTokenizer]:
     """The model's path (embedded names resolved) and its tokenizer, padding with EOS if it has no pad token; sets
     `training_args.model_init_kwargs` from the `ModelConfig` flags."""
+    check_model_path(model_args.model_name_or_path, "--model_name_or_path")
     model_path = resolve_model_name(model_args.model_name_or_path)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision)

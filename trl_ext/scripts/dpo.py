@@ -7,16 +7,25 @@ Every `trl_ext.DPOConfig`, `trl.ModelConfig` and `trl.ScriptArguments` field is 
 `embedded:smollm2-135m-instruct`.
 """
 
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, ScriptArguments
 
 from ..trainers import DPOConfig, DPOTrainer
-from .common import GenerationEvalArguments, load_train_and_eval, model_init_kwargs, reward_summary, train_and_save
+from .common import (
+    GenerationEvalArguments,
+    check_input_paths,
+    load_train_and_eval,
+    model_init_kwargs,
+    parse_command_line,
+    reward_summary,
+    train_and_save,
+)
 
 ARGUMENTS = (ScriptArguments, DPOConfig, ModelConfig, GenerationEvalArguments)
 
 
 def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: ModelConfig,
          generation_eval: GenerationEvalArguments) -> DPOTrainer:
+    check_input_paths(script_args, model_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args.model_init_kwargs)
     train_dataset, eval_dataset = load_train_and_eval(script_args, training_args)
     trainer = train_and_save(DPOTrainer, model_args.model_name_or_path, model_args, training_args, train_dataset,
@@ -25,6 +34,7 @@ def main(script_args: ScriptArguments, training_args: DPOConfig, model_args: Mod
     return trainer
 
 
-def parse_args(argv: list[str] | None = None) -> tuple:
-    """The arguments `main` takes (one instance of each of `ARGUMENTS`), from `argv` (default: the command line)."""
-    return TrlParser(ARGUMENTS).parse_args_and_config(args=argv)
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> tuple:
+    """The arguments `main` takes (one instance of each of `ARGUMENTS`), from `argv` (default: the command line);
+    `prog` names the command in `--help`."""
+    return parse_command_line(ARGUMENTS, argv, prog)

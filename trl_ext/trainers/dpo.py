@@ -1,6 +1,7 @@
 """Drop-in `DPOConfig` / `DPOTrainer` that add the losses registered with `trl_ext.register_dpo_loss` to TRL's."""
 
 import contextlib
+import inspect
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -10,7 +11,9 @@ import trl
 from datasets import Dataset, IterableDataset
 
 from .. import citations
+from ..config_checks import check_training_fields
 from ..data import warn_if_words_glue
+from ..data_checks import check_completions_left, check_dataset_rows, check_datasets_rows
 from ..embedded import resolve_model_and_args
 from ..losses import (
     LossContext,
@@ -19,10 +22,6 @@ from ..losses import (
     registered_dpo_loss,
     registered_dpo_losses,
 )
-from . import stepwise_dpo, vocabulary_kl
-from .metrics import log_means
-from .model_card import CitesItsLosses
-from .saving import SavesLoadableModels
 from ..trl_contract import (
     TRL_DPO_CHOSEN_METRICS,
     TRL_DPO_LOSS_TYPES,
@@ -35,6 +34,10 @@ from ..trl_contract import (
     record_fused_outputs,
     record_last_hidden_states,
 )
+from . import stepwise_dpo, vocabulary_kl
+from .metrics import log_means
+from .model_card import CitesItsLosses
+from .saving import SavesLoadableModels
 
 
 @dataclass
@@ -48,6 +51,11 @@ class DPOConfig(trl.DPOConfig):
     per-batch beta), `"npo"` (Negative Preference Optimization on the rejected completions) and `"tdpo1"` /
     `"tdpo2"` (token-level DPO). They combine with TRL's through the `loss_type` list and `loss_weights`, e.g.
     `loss_type=["dpop", "sft"]`.
+
+    `beta` must be > 0 (and finite) for every loss but TRL's `sft`: it is the temperature of the preference margin in
+    TRL's losses and trl_ext's (and a loss registered by the user is assumed to read it too), or the regularisation
+    strength `ipo` and `sppo_hard` divide by. A negative `beta` trains the opposite preference while the reward
+    metrics, scaled by it, look like success; `0` learns nothing. `sft` alone (the chosen completion's NLL) reads none.
 
     Parameters:
         dpop_lambda (`float`, *optional*, defaults to `50.0`):
@@ -76,6 +84,13 @@ class DPOConfig(trl.DPOConfig):
             `loss_type`; `1` is plain training.
     """
 
+    # TRL's help lists only its own values; `--help` lists trl_ext's too.
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={"help": f"Loss types to combine (with `loss_weights`): TRL's {', '.join(TRL_DPO_LOSS_TYPES)}; "
+                          f"trl_ext's {', '.join(registered_dpo_losses())}; or a loss registered with "
+                          "`trl_ext.register_dpo_loss`."},
+    )
     dpop_lambda: float = field(
         default=50.0,
         metadata={"help": "Weight of the DPOP penalty (>= 0; 0 is exactly DPO). Used by `dpop` and `dpop_norm`."},
@@ -128,6 +143,8 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
             f"{list(registered_dpo_losses())}. Custom losses must be registered with "
             "`trl_ext.register_dpo_loss` before the config is created."
         )
+    _check_beta(args, loss_types)
+    check_training_fields(args)
     extension = [name for name in loss_types if name in registered_dpo_losses()]
     if not extension:
         return
@@ -157,6 +174,21 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
             )
 
 
+# The loss types that read no `beta`: `sft` is the NLL of the chosen completion.
+LOSSES_WITHOUT_BETA = ("sft",)
+
+
+def _check_beta(args: trl.DPOConfig, loss_types: list[str]) -> None:
+    reading = [name for name in loss_types if name not in LOSSES_WITHOUT_BETA]
+    if reading and not args.beta > 0:
+        raise ValueError(
+            f"`beta` must be > 0 for {', '.join(f'`{name}`' for name in reading)}, got {args.beta}: it scales the "
+            "preference margin (for `ipo` and `sppo_hard`, it is the regularisation strength they divide by). A "
+            "negative beta trains the opposite preference while the reward metrics, scaled by it, look like success; "
+            "0 learns nothing. Use a positive value, e.g. 0.1 (the default)."
+        )
+
+
 @contextlib.contextmanager
 def _record_nothing(*models):
     yield []
@@ -182,6 +214,9 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
     def __init__(self, model, ref_model=None, args=None, *trainer_args, **trainer_kwargs):
         model, args = resolve_model_and_args(model, args, DPOConfig, "DPO")
         validate_loss_config(args)
+        arguments = inspect.signature(trl.DPOTrainer.__init__).bind(self, model, ref_model, args, *trainer_args,
+                                                                     **trainer_kwargs).arguments
+        check_datasets_rows(arguments.get("train_dataset"), arguments.get("eval_dataset"))  # before the model loads
         super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
         keep_4bit_layers_differentiable(self.model)
 
@@ -207,11 +242,16 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
     stepwise_reference = None
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        check_dataset_rows(dataset, dataset_name)  # also reached by `evaluate(dataset)`
         if _check_preference_columns(dataset, dataset_name, args):
             dataset = dataset.map(_placeholder_chosen)
             self.chosen_is_placeholder = True
         warn_if_words_glue(dataset, dataset_name)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        completions = ("rejected",) if self.chosen_is_placeholder else ("chosen", "rejected")
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
+        check_completions_left(dataset, prepared, dataset_name, completions, args.max_length, tokenizer.eos_token)
+        return prepared
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL precomputes inside its constructor: the first forward without gradient in eval mode, after which

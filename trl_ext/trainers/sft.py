@@ -16,21 +16,12 @@ from datasets import Dataset, IterableDataset
 from peft import PeftModel
 
 from ..citations import Citation
+from ..config_checks import check_training_fields
 from ..data import warn_if_words_glue
+from ..data_checks import check_completions_left, check_dataset_rows, check_datasets_rows
 from ..embedded import resolve_model_and_args
 from ..losses import SFTLogps, compute_sft_loss, registered_sft_loss, registered_sft_losses
 from ..losses.kl_sft import KL_PENALTIES
-from .ift_inputs import check_parameters_are_whole, ift_inputs
-from .metrics import log_means
-from .model_card import CitesItsLosses
-from .packed import rows_per_sequence
-from .reference import (
-    build_reference,
-    keep_starting_adapter_as_reference,
-    precompute_reference_logps,
-    reference_token_logps,
-)
-from .saving import SavesLoadableModels
 from ..trl_contract import (
     TRL_SFT_LOSS_CHOICES,
     TRL_SFT_LOSS_TYPES,
@@ -42,6 +33,17 @@ from ..trl_contract import (
     loss_is_scaled_for_gradient_accumulation,
     record_fused_outputs,
 )
+from .ift_inputs import check_parameters_are_whole, ift_inputs
+from .metrics import log_means
+from .model_card import CitesItsLosses
+from .packed import rows_per_sequence
+from .reference import (
+    build_reference,
+    keep_starting_adapter_as_reference,
+    precompute_reference_logps,
+    reference_token_logps,
+)
+from .saving import SavesLoadableModels
 
 IFT_PREDICTIONS = ("greedy", "soft")
 IFT_LAMBDA_SCHEDULES = ("constant", "linear")
@@ -97,7 +99,9 @@ class SFTConfig(trl.SFTConfig):
     # users register parse, and `validate_sft_config` names the valid ones.
     loss_type: str = field(
         default="nll",
-        metadata={"help": "TRL's loss types (`nll`, `dft`), trl_ext's `kl_sft` or `ift`, or a registered SFT loss."},
+        metadata={"help": f"Loss type: TRL's {', '.join(TRL_SFT_LOSS_TYPES)}; trl_ext's "
+                          f"{', '.join(registered_sft_losses())}; or a loss registered with "
+                          "`trl_ext.register_sft_loss`."},
     )
     kl_coef: float = field(default=0.1, metadata={"help": "Weight of the KL-SFT penalty (>= 0; 0 is exactly `nll`)."})
     kl_penalty: str = field(
@@ -140,6 +144,7 @@ def _check_loss_type_name(loss_type: str, trl_names: tuple[str, ...] = TRL_SFT_L
 def validate_sft_config(args: trl.SFTConfig) -> None:
     """Raises a `ValueError` naming the field and the fix if `args` asks for something trl_ext cannot honour."""
     _check_loss_type_name(args.loss_type)
+    check_training_fields(args)
     uses_reference = args.loss_type in registered_sft_losses() and registered_sft_loss(args.loss_type).reference
     if getattr(args, "precompute_ref_log_probs", False) and not uses_reference:
         raise ValueError(
@@ -244,6 +249,7 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
         uses_reference = registered is not None and registered.reference
         if uses_reference and ref_model is None and starts_from_trained_adapter:
             keep_starting_adapter_as_reference(model)
+        check_datasets_rows(train_dataset, eval_dataset)  # before the model loads
         # Mapped before TRL sees them: TRL picks `completion_only_loss` from the raw columns.
         train_dataset = _chosen_as_completion(train_dataset, "train")
         if isinstance(eval_dataset, dict):
@@ -261,9 +267,14 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         # Also reached by `evaluate(dataset)`, after construction
+        check_dataset_rows(dataset, dataset_name)
         dataset = _chosen_as_completion(dataset, dataset_name)
         warn_if_words_glue(dataset, dataset_name)
-        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
+        check_completions_left(dataset, dataset if packing else prepared, dataset_name,
+                               ("completion", args.dataset_text_field, "messages"), args.max_length, tokenizer.eos_token)
+        return prepared
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
