@@ -249,7 +249,7 @@ def flop_formulas() -> dict:
       `addmm(out_dtype=float32)` on CUDA in bf16/fp16 and with `addmm_` elsewhere;
     - the CPU's fused attention, forward and backward, by torch's formulas for the CUDA kernels (without them a CPU
       counts no attention)."""
-    import bitsandbytes  # noqa: F401: defines torch.ops.bitsandbytes
+    import bitsandbytes  # noqa: F401  (defines torch.ops.bitsandbytes)
     import torch
 
     aten = torch.ops.aten

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from recipes import penn_experiment as penn
 from recipes import penn_judge
-from recipes.penn_config import DEFAULT_METHODS, DPO_FAMILY, METHODS, MORE_DPO_METHODS, method_config
+from recipes.penn_config import DEFAULT_METHODS, DPO_FAMILY, MORE_DPO_METHODS
 from recipes.penn_generation import CURVE_KEY, HELD_OUT_REWARD, METRICS
 from recipes.penn_report import wilson_interval
 from recipes.penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result

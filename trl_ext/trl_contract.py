@@ -24,7 +24,11 @@ from accelerate import Accelerator
 from packaging.requirements import Requirement
 from packaging.version import Version
 from torch.distributed.fsdp import StateDictType
-from transformers.integrations import TensorBoardCallback, TrackioCallback, WandbCallback
+from transformers.integrations import (
+    TensorBoardCallback,
+    TrackioCallback,
+    WandbCallback,
+)
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 # The helpers trl_ext calls. `trl.experimental` promises no stability (hence its warning, silenced here: the contract
@@ -32,8 +36,10 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*trl.experimental")
     from trl.experimental.utils import create_reference_model  # noqa: F401  (a frozen copy of the policy)
-from trl.models.utils import disable_gradient_checkpointing  # noqa: F401  (no-grad passes under checkpointing)
-from trl.models.utils import unwrap_model_for_generation  # noqa: F401  (generation from DDP/ZeRO-3-wrapped models)
+from trl.models.utils import (
+    disable_gradient_checkpointing,  # noqa: F401  (no-grad passes under checkpointing)
+    unwrap_model_for_generation,  # noqa: F401  (generation from DDP/ZeRO-3-wrapped models)
+)
 from trl.scripts.env import print_env as print_trl_env  # noqa: F401  (what `trl env` prints)
 from trl.trainer.utils import (  # noqa: F401
     FusedCausalLMOutput,  # what a forward with `fused_lm_head=True` returns
@@ -253,6 +259,19 @@ def full_state_dict_while_saving(fsdp_plugin) -> Iterator[None]:
         yield
     finally:
         fsdp_plugin.state_dict_type = previous
+
+
+@contextlib.contextmanager
+def trl_sft_loss_type_while_constructing(args: trl.SFTConfig) -> Iterator[None]:
+    """Shows `trl.SFTTrainer.__init__`, which refuses any loss type but its own, `nll` while it runs; the user's value
+    is restored. trl_ext's SFT losses start from TRL's NLL path, so `nll` is the truthful stand-in."""
+    loss_type = args.loss_type
+    if loss_type not in TRL_SFT_LOSS_TYPES:
+        args.loss_type = "nll"
+    try:
+        yield
+    finally:
+        args.loss_type = loss_type
 
 
 def keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:

@@ -16,7 +16,6 @@ from ..generation_eval import GenerationEvalCallback
 from ..paths import check_dataset_path, check_model_path
 from ..scorers import DistinctN, RegexMatch, RepeatedNgrams
 
-
 # The repository checkout trl_ext is installed from (`pip install -e .`), where `recipes/configs/` lives
 CHECKOUT = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
 """trl_ext's trainers: drop-in subclasses of TRL's, and the features that change how their steps run.
 
-- `dpo.py`: `DPOConfig`, `DPOTrainer` (TRL's DPO losses plus the registered ones)
-- `sft.py`: `SFTConfig`, `SFTTrainer` (TRL's `nll`/`dft` plus the registered ones)
+- `dpo_config.py`, `dpo.py`: `DPOConfig`, `DPOTrainer` (TRL's DPO losses plus the registered ones)
+- `sft_config.py`, `sft.py`: `SFTConfig`, `SFTTrainer` (TRL's `nll`/`dft` plus the registered ones)
 - `stepwise_dpo.py`: stepwise DPO (sDPO): the policy becomes the reference at each stage boundary
 - `vocabulary_kl.py`: the per-position KL over the vocabulary that TDPO reads
 - `reference.py`: the SFT losses' frozen reference model and its precomputed log-probs
@@ -11,7 +11,9 @@
 - `model_card.py`: the model card citing the losses trained
 """
 
-from .dpo import DPOConfig, DPOTrainer
-from .sft import SFTConfig, SFTTrainer
+from .dpo import DPOTrainer
+from .dpo_config import DPOConfig
+from .sft import SFTTrainer
+from .sft_config import SFTConfig
 
 __all__ = ["DPOConfig", "DPOTrainer", "SFTConfig", "SFTTrainer"]

@@ -68,16 +68,17 @@ def reference_token_logps(trainer, inputs) -> torch.Tensor:
             return trainer.model(**model_inputs).log_probs
 
 
-def precompute_reference_logps(trainer) -> None:
-    """Adds each example's reference log-probs to the train and eval datasets, pads them in the collator, and frees
-    the reference model. Every process computes the whole dataset (no gather of variable-length rows), once."""
-    trainer.train_dataset = _with_reference_logps(trainer, trainer.train_dataset)
-    if isinstance(trainer.eval_dataset, dict):
-        trainer.eval_dataset = {name: _with_reference_logps(trainer, d) for name, d in trainer.eval_dataset.items()}
-    elif trainer.eval_dataset is not None:
-        trainer.eval_dataset = _with_reference_logps(trainer, trainer.eval_dataset)
-    trainer.data_collator = PadReferenceLogps(trainer.data_collator)
-    trainer.ref_model = None
+def precompute_reference_logps(trainer) -> tuple[Dataset, Dataset | dict | None, "PadReferenceLogps"]:
+    """The trainer's train and eval datasets with each example's reference log-probs (`ref_token_logps`), and its
+    collator wrapped to pad them. Every process computes the whole dataset (no gather of variable-length rows),
+    once."""
+    train_dataset = _with_reference_logps(trainer, trainer.train_dataset)
+    eval_dataset = trainer.eval_dataset
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {name: _with_reference_logps(trainer, dataset) for name, dataset in eval_dataset.items()}
+    elif eval_dataset is not None:
+        eval_dataset = _with_reference_logps(trainer, eval_dataset)
+    return train_dataset, eval_dataset, PadReferenceLogps(trainer.data_collator)
 
 
 def _with_reference_logps(trainer, dataset: Dataset) -> Dataset:
