@@ -261,7 +261,8 @@ def _sequence_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"`sdpo_stages` must be an integer >= 1, got 0"):
         make_config(DPOConfig, tmp_path, sdpo_stages=0)
-    with pytest.raises(ValueError, match=r"`sdpo_stages=2` makes the policy the reference .* Set `sync_ref_model=False`"):
+    with pytest.raises(ValueError, match=r"`sdpo_stages=2` \(stepwise DPO\) makes the policy the reference .* Set "
+                                         r"`sync_ref_model=False`"):
         make_config(DPOConfig, tmp_path, sdpo_stages=2, sync_ref_model=True)
     trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path / "first", sdpo_stages=3,
                     max_steps=3, save_strategy="steps", save_steps=2)

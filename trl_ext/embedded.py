@@ -352,7 +352,8 @@ def _convert_gguf(gguf_path: Path, output_dir: Path) -> None:
 
 
 def resolve_model_and_args(model, args, config_cls, suffix: str):
-    """Resolves an embedded `model` name and, like TRL's trainers, defaults `args` to `config_cls("<model>-<suffix>")`."""
+    """Resolves an embedded `model` name and, like TRL's trainers, defaults `args` to
+    `config_cls("<model>-<suffix>")`."""
     if isinstance(model, str):
         check_model_path(model, "model")
         model = resolve_model_name(model)

@@ -25,7 +25,9 @@ def sq_logratio_penalty(
     return (sequence_mean(policy_token_logps, mask) - sequence_mean(ref_token_logps, mask)) ** 2
 
 
-def token_kl_penalty(policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_kl_penalty(
+    policy_token_logps: torch.Tensor, ref_token_logps: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Per-token reverse-KL estimate `k3 = exp(r) - r - 1`, `r = logp_ref - logp_policy`, averaged per sequence.
 
     `k3` is non-negative, unbiased for `KL(policy || ref)` when tokens are sampled from the policy, and has lower

@@ -45,7 +45,8 @@ LOSS_STATE_FILE = "trl_ext_loss_state.pt"
 class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
     """
     [`trl.DPOTrainer`] that also computes the losses registered with [`register_dpo_loss`] (trl_ext's and the
-    user's), and trains in stepwise DPO (sDPO) stages. Same constructor, datasets, metrics and reference-model handling as TRL's.
+    user's), and trains in stepwise DPO (sDPO) stages. Same constructor, datasets, metrics and reference-model
+    handling as TRL's.
 
     TRL computes its own loss types and every metric exactly as it would alone; trl_ext's losses are computed from the
     per-sequence log-probs of the same forward passes, added with their `loss_weights`, and log their extra

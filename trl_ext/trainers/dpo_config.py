@@ -34,8 +34,8 @@ class DPOConfig(trl.DPOConfig):
             sensitivity in [5, 500]. Used by `"dpop"` and `"dpop_norm"`.
         rdpo_alpha (`float`, *optional*, defaults to `0.01`):
             R-DPO's length weight: `rdpo_alpha * (|y_w| - |y_l|)` (in tokens) is added inside the sigmoid, outside
-            `beta`, so length explains part of each preference. Must be >= 0; `0` is exactly DPO. The paper tunes it per setting; 0.01 is trl_ext's
-            starting point, not a value the paper prescribes.
+            `beta`, so length explains part of each preference. Must be >= 0; `0` is exactly DPO. The paper tunes it
+            per setting; 0.01 is trl_ext's starting point, not a value the paper prescribes.
         beta_dpo_alpha (`float`, *optional*, defaults to `0.5`):
             beta-DPO's `alpha` in `beta_batch = beta * (1 + alpha * (M_batch - M_running))`; `beta` is the paper's
             `beta_0`. Must be >= 0; `0` with `beta_dpo_filter_ratio=0` is exactly DPO. The authors' config leaves it
@@ -102,9 +102,9 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
         raise ValueError(f"`sdpo_stages` must be an integer >= 1, got {stages!r}.")
     if stages > 1 and args.sync_ref_model:
         raise ValueError(
-            f"`sdpo_stages={stages}` makes the policy the reference at each stage boundary, while "
-            "`sync_ref_model=True` (TR-DPO) blends the policy into the reference every `ref_model_sync_steps`: together "
-            "they would train neither method. Set `sync_ref_model=False` or `sdpo_stages=1`."
+            f"`sdpo_stages={stages}` (stepwise DPO) makes the policy the reference at each stage boundary, while "
+            "`sync_ref_model=True` (TR-DPO) blends the policy into the reference every `ref_model_sync_steps`: "
+            "together they would train neither method. Set `sync_ref_model=False` or `sdpo_stages=1`."
         )
     unknown = [name for name in loss_types if name not in valid]
     if unknown:

@@ -96,7 +96,8 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
         prepared = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
         check_completions_left(dataset, dataset if packing else prepared, dataset_name,
-                               ("completion", args.dataset_text_field, "messages"), args.max_length, tokenizer.eos_token)
+                               ("completion", args.dataset_text_field, "messages"), args.max_length,
+                               tokenizer.eos_token)
         return prepared
 
     def _set_signature_columns_if_needed(self):
@@ -118,7 +119,8 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
         precomputed = inputs.pop("ref_token_logps", None)
         ift = None
         if registered.ift_inputs:
-            ift = ift_inputs(self.model, self.accelerator.unwrap_model(model), inputs, self.args, self.state.global_step)
+            unwrapped = self.accelerator.unwrap_model(model)
+            ift = ift_inputs(self.model, unwrapped, inputs, self.args, self.state.global_step)
         result, fused_output = self.trl_compute_loss(model, ift.mixed_inputs if ift else inputs, return_outputs,
                                                      num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
@@ -151,8 +153,9 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
         return [registered_sft_loss(self.args.loss_type).citation]
 
     def trl_compute_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        """TRL's `compute_loss` on `inputs` (token ids or IFT's mixed embeddings), and the fused output of the policy forward it
-        runs, checked against the contract: one forward over the batch's rows, with gradient when it is enabled."""
+        """TRL's `compute_loss` on `inputs` (token ids or IFT's mixed embeddings), and the fused output of the policy
+        forward it runs, checked against the contract: one forward over the batch's rows, with gradient when it is
+        enabled."""
         has_grad = torch.is_grad_enabled()
         with record_fused_outputs(self.accelerator, model) as fused_outputs:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -1,35 +1,20 @@
-"""Every TRL and transformers internal trl-ext relies on, named and checked in one place.
-
-trl-ext subclasses TRL's trainers instead of forking them, so it leans on a few things TRL does not promise to keep:
-private methods it overrides, the layout of the fused-LM-head forwards it records, helpers under
-`trl.experimental`, and transformers' `_signature_columns`. They are all imported or described here. Importing
-`trl_ext` under a TRL or transformers release outside the range `trl_ext/requirements.txt` declares raises an error
-(set `TRL_EXT_ALLOW_UNSUPPORTED_TRL=1` to go on at your own risk), and an overridden private method that changed shape
-raises at import whatever the version. `tests/test_trl_contract.py` checks each assumption on its own, so an upgrade
-that breaks one fails there, by name.
-"""
+"""TRL's and transformers' internals trl_ext reaches: the private methods it overrides (checked at import), and one
+named function for each private attribute it reads or writes, or behaviour it depends on."""
 
 import contextlib
 import inspect
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 
 import torch
 import transformers
 import trl
-from accelerate import Accelerator
-from packaging.requirements import Requirement
-from packaging.version import Version
 from torch.distributed.fsdp import StateDictType
-from transformers.integrations import (
-    TensorBoardCallback,
-    TrackioCallback,
-    WandbCallback,
-)
+from transformers.integrations import TensorBoardCallback, TrackioCallback, WandbCallback
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+from .versions import supported_ranges
 
 # The helpers trl_ext calls. `trl.experimental` promises no stability (hence its warning, silenced here: the contract
 # tests guard what trl_ext uses of it); the others are undocumented utilities.
@@ -49,11 +34,6 @@ from trl.trainer.utils import (  # noqa: F401
     use_adapter,  # activates a named PEFT adapter (`None`: adapters disabled) for one forward
 )
 
-ALLOW_UNSUPPORTED_ENV = "TRL_EXT_ALLOW_UNSUPPORTED_TRL"
-REQUIREMENTS_FILE = "requirements.txt"
-# The distributions whose internals trl_ext relies on: a release outside the declared range is refused at import.
-CHECKED_AT_IMPORT = {"trl": trl.__version__, "transformers": transformers.__version__}
-
 # The loss types `trl.DPOTrainer` computes itself; trl_ext passes these through untouched. TRL lists them only in
 # `_compute_loss`'s error message, which a contract test compares with this tuple.
 TRL_DPO_LOSS_TYPES = (
@@ -67,48 +47,6 @@ TRL_DPO_CHOSEN_METRICS = ("entropy", "logits/chosen", "mean_token_accuracy", "re
 # `trl.SFTConfig.loss_type`'s argparse choices (`chunked_nll` is a deprecated alias TRL maps to `nll`)
 TRL_SFT_LOSS_CHOICES = tuple(trl.SFTConfig.__dataclass_fields__["loss_type"].metadata["choices"])
 TRL_SFT_LOSS_TYPES = ("nll", "dft")
-
-
-def declared_requirements() -> dict[str, Requirement]:
-    """trl-ext's runtime dependencies by name, as declared once in `trl_ext/requirements.txt` (which `pyproject.toml`
-    reads too): read from the package itself, so a checkout on `PYTHONPATH` needs no installed metadata."""
-    lines = (line.split("#")[0].strip() for line in resources.files(__package__).joinpath(REQUIREMENTS_FILE)
-             .read_text().splitlines())
-    return {(requirement := Requirement(line)).name: requirement for line in lines if line}
-
-
-def supported_trl_requirement() -> Requirement:
-    """The `trl` range trl-ext supports."""
-    return declared_requirements()["trl"]
-
-
-def supported_ranges() -> str:
-    """The declared ranges of the distributions checked at import, for error messages."""
-    return ", ".join(f"`{declared_requirements()[name]}`" for name in CHECKED_AT_IMPORT)
-
-
-def check_version(name: str, version: str) -> None:
-    """Raises if `version` of distribution `name` is outside its declared range, unless
-    `TRL_EXT_ALLOW_UNSUPPORTED_TRL=1` (then warns)."""
-    requirement = declared_requirements()[name]
-    if requirement.specifier.contains(Version(version), prereleases=True):
-        return
-    message = (
-        f"trl_ext supports `{requirement}`, but {name} {version} is installed. Install a supported release "
-        f"(`pip install '{requirement}'`), or set {ALLOW_UNSUPPORTED_ENV}=1 to proceed at your own risk: trl_ext "
-        "relies on trl and transformers internals other releases may change (it checks what it records from TRL's "
-        "forwards and raises rather than train on the wrong tensors)."
-    )
-    if os.environ.get(ALLOW_UNSUPPORTED_ENV) == "1":
-        warnings.warn(message, stacklevel=2)
-        return
-    raise ImportError(message)
-
-
-def check_versions() -> None:
-    """Checks the installed releases of the distributions whose internals trl_ext relies on (`CHECKED_AT_IMPORT`)."""
-    for name, version in CHECKED_AT_IMPORT.items():
-        check_version(name, version)
 
 
 @dataclass(frozen=True)
@@ -304,107 +242,8 @@ def loss_is_scaled_for_gradient_accumulation(trainer: transformers.Trainer, num_
     return scaled_by_num_items or trainer.compute_loss_func is not None
 
 
-@contextlib.contextmanager
-def record_fused_outputs(
-    accelerator: Accelerator, *models: torch.nn.Module
-) -> Iterator[list[FusedCausalLMOutput]]:
-    """Collects, in call order, the `FusedCausalLMOutput` of every forward of `models` while the context is open.
-
-    TRL's trainers call `model(..., fused_lm_head=True)` inside private loss code and keep the per-token log-probs to
-    themselves; a forward hook hands trl_ext the same tensors, with their autograd graph, at no extra cost. Each model
-    is hooked once, on its innermost module: DDP, DeepSpeed and FSDP wrappers call that module (FSDP2 patches it in
-    place), so every forward is recorded exactly once whichever of a wrapper or its module TRL calls.
-    """
-    outputs: list[FusedCausalLMOutput] = []
-
-    def record(module, args, output):
-        if isinstance(output, FusedCausalLMOutput):
-            outputs.append(output)
-
-    with _forward_hooks([accelerator.unwrap_model(model) for model in models], record):
-        yield outputs
-
-
-def lm_backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The module a fused forward runs before its LM head: the causal LM's `base_model` (TRL's `add_fused_lm_head`
-    calls `getattr(self, "base_model")` under transformers 5), inside a PEFT wrapper if there is one."""
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return causal_lm.base_model
-
-
 def attention_implementation(model: torch.nn.Module) -> str:
     """The attention implementation `model` runs: `"sdpa"`, `"eager"`, `"flex_attention"`, `"flash_attention_2"`, ...
     (transformers keeps it in `config._attn_implementation`)."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     return causal_lm.config._attn_implementation
-
-
-@contextlib.contextmanager
-def record_last_hidden_states(accelerator: Accelerator, *models: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collects, in call order, the `last_hidden_state` `(B, L, H)` of every backbone forward of `models` (with its
-    autograd graph), as [`record_fused_outputs`] collects the fused outputs of the same forwards."""
-    hidden_states: list[torch.Tensor] = []
-
-    def record(module, args, output):
-        hidden_states.append(output.last_hidden_state)
-
-    with _forward_hooks([lm_backbone(accelerator.unwrap_model(model)) for model in models], record):
-        yield hidden_states
-
-
-@contextlib.contextmanager
-def _forward_hooks(modules: list[torch.nn.Module], hook) -> Iterator[None]:
-    """`hook` on the forward of each distinct module of `modules` while the context is open."""
-    distinct = {id(module): module for module in modules}
-    handles = [module.register_forward_hook(hook) for module in distinct.values()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@dataclass(frozen=True)
-class ExpectedForward:
-    """One fused forward trl_ext expects TRL to run: its role, rows, label positions, and whether it has gradient."""
-
-    role: str
-    rows: int
-    positions: int  # `log_probs.size(1)` may exceed it (prompt-learning PEFT's virtual tokens), never fall short
-    requires_grad: bool
-
-
-class TRLContractError(RuntimeError):
-    """TRL did not run the forwards trl_ext records its losses from; computing on them would give wrong numbers."""
-
-
-def check_recorded_forwards(
-    caller: str, recorded: list[FusedCausalLMOutput], expected: list[ExpectedForward]
-) -> None:
-    """Raises a `TRLContractError` naming what differs if `recorded` is not the `expected` sequence of forwards."""
-
-    def fail(what: str) -> None:
-        raise TRLContractError(
-            f"{caller} was expected to run {len(expected)} fused forward(s) "
-            f"({', '.join(forward.role for forward in expected)}), but {what}. trl_ext records its losses from these "
-            f"forwards and stops rather than compute on the wrong tensors. Installed: trl {trl.__version__}, "
-            f"transformers {transformers.__version__}; supported: {supported_ranges()}."
-        )
-
-    if len(recorded) != len(expected):
-        fail(f"ran {len(recorded)}")
-    for index, (output, forward) in enumerate(zip(recorded, expected, strict=True)):
-        log_probs = output.log_probs
-        where = f"forward {index + 1} ({forward.role})"
-        if log_probs is None or log_probs.dim() != 2:
-            fail(f"{where} returned no `(batch, positions)` log-probs")
-        if log_probs.size(0) != forward.rows or log_probs.size(1) < forward.positions:
-            fail(f"{where} has log-probs of shape {tuple(log_probs.shape)}, expected ({forward.rows}, "
-                 f">= {forward.positions})")
-        if log_probs.requires_grad != forward.requires_grad:
-            fail(f"{where} {'has' if log_probs.requires_grad else 'has no'} gradient")
-
-
-# Checked at import: an override that silently never runs is the worst way for an upgrade to break trl_ext.
-check_versions()
-check_private_methods()
