@@ -79,9 +79,9 @@ def test_import_refuses_an_unsupported_transformers_without_installed_metadata()
     `PYTHONPATH` has none), and checks transformers' release before anything relies on its internals."""
     script = textwrap.dedent("""
         import importlib.metadata
-        import transformers
 
         find_distribution = importlib.metadata.Distribution.from_name.__func__
+        installed_version = importlib.metadata.version
 
         def from_name(cls, name):  # as if trl-ext were not installed
             if name.replace("_", "-").lower() == "trl-ext":
@@ -89,7 +89,7 @@ def test_import_refuses_an_unsupported_transformers_without_installed_metadata()
             return find_distribution(cls, name)
 
         importlib.metadata.Distribution.from_name = classmethod(from_name)
-        transformers.__version__ = "4.57.0"
+        importlib.metadata.version = lambda name: "4.57.0" if name == "transformers" else installed_version(name)
         import trl_ext
     """)
     environment = {key: value for key, value in os.environ.items() if key != trl_contract.ALLOW_UNSUPPORTED_ENV}

@@ -17,7 +17,6 @@ The cache heals itself:
   this host can be recognized and deleted (each is ~0.5 GB).
 """
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -31,10 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from tqdm.auto import tqdm
 
-from .paths import check_model_path
-from .trl_contract import get_config_model_id
+from .gguf_conversion import convert_gguf, locate_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +116,10 @@ def embedded_model_path(name: str) -> Path:
             logger.warning("The embedded-model cache %s is damaged (%s); converting it again.", target, problem)
             _discard(target)
         else:
-            gguf_path = _locate_gguf(model)
+            gguf_path = locate_gguf(model)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
         try:
-            _convert_gguf(gguf_path, staging)
+            convert_gguf(gguf_path, staging)
             _write_manifest(staging, model)
             # Catches a conversion that writes other files than expected (e.g. sharded weights), which would
             # otherwise be converted again on every use.
@@ -292,72 +289,12 @@ def _rmtree(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-# --- Conversion ------------------------------------------------------------------------------------------------------
-
-
-def _locate_gguf(model: EmbeddedModel) -> Path:
-    # Found through the package metadata: importing the wheel's module would import its heavy dependencies.
-    try:
-        distribution = importlib.metadata.distribution(model.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModuleNotFoundError(
-            f"The embedded model needs the `{model.distribution}` wheel. Install it with: {model.install_command}"
-        ) from None
-    if distribution.version != model.version:
-        raise RuntimeError(
-            f"`{model.distribution}` {distribution.version} is installed but {model.version} is expected. "
-            f"Install it with: {model.install_command}"
-        )
-    return Path(distribution.locate_file(model.gguf_file))
-
-
 def _locate_gguf_for_repair(model: EmbeddedModel, target: Path, problem: str) -> Path:
     try:
-        return _locate_gguf(model)
+        return locate_gguf(model)
     except (ModuleNotFoundError, RuntimeError) as error:
         raise DamagedCacheError(
             f"The embedded-model cache {target} is damaged ({problem}) and cannot be converted again: {error}\n"
             f"To fix it, install the wheel with `{model.install_command}` (the next use then rebuilds the directory), "
             f"or delete the directory: rm -rf '{target}'"
         ) from error
-
-
-def _convert_gguf(gguf_path: Path, output_dir: Path) -> None:
-    """De-quantizes a GGUF file into a float32 safetensors checkpoint plus tokenizer in `output_dir`."""
-    try:
-        import gguf  # noqa: F401  (what transformers reads the file with)
-    except ImportError:
-        raise ModuleNotFoundError("Converting the embedded model needs the `gguf` package, which is not installed: "
-                                  "install trl-ext's `[embedded]` extra (`pip install -e '.[embedded]'` in the "
-                                  "checkout).") from None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source, gguf_file = str(gguf_path.parent), gguf_path.name
-    # About 20 s, once per cache: a bar says what the first use is waiting for.
-    with tqdm(total=4, desc=f"Converting the embedded model {gguf_file} (once)", unit="stage") as progress:
-        quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file)
-        progress.update()
-        # The loaded weights are already de-quantized; only the GGUF quantizer attached to the model blocks saving
-        # and training, so rebuild a plain model from the config without it.
-        config = quantized.config
-        del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config)
-        model.load_state_dict(quantized.state_dict())
-        model.generation_config = quantized.generation_config
-        progress.update()
-        model.save_pretrained(output_dir)
-        progress.update()
-        AutoTokenizer.from_pretrained(source, gguf_file=gguf_file).save_pretrained(output_dir)
-        progress.update()
-
-
-def resolve_model_and_args(model, args, config_cls, suffix: str):
-    """Resolves an embedded `model` name and, like TRL's trainers, defaults `args` to
-    `config_cls("<model>-<suffix>")`."""
-    if isinstance(model, str):
-        check_model_path(model, "model")
-        model = resolve_model_name(model)
-    if args is None:
-        model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-        args = config_cls(f"{model_name.split('/')[-1]}-{suffix}")
-    return model, args

@@ -12,7 +12,6 @@ from datasets import Dataset, IterableDataset
 from .. import citations
 from ..data import warn_if_words_glue
 from ..data_checks import check_completions_left, check_dataset_rows, check_datasets_rows
-from ..embedded import resolve_model_and_args
 from ..losses import LossContext, PreferenceLogps, compute_dpo_loss, registered_dpo_loss, registered_dpo_losses
 from ..trl_contract import (
     TRL_DPO_CHOSEN_METRICS,
@@ -29,6 +28,7 @@ from ..trl_contract import (
 from . import stepwise_dpo, vocabulary_kl
 from .dpo_config import DPOConfig, validate_loss_config
 from .metrics import log_means
+from .model_args import resolve_model_and_args
 from .model_card import CitesItsLosses
 from .saving import SavesLoadableModels
 

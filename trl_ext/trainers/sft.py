@@ -12,7 +12,6 @@ from peft import PeftModel
 from ..citations import Citation
 from ..data import warn_if_words_glue
 from ..data_checks import check_completions_left, check_dataset_rows, check_datasets_rows
-from ..embedded import resolve_model_and_args
 from ..losses import SFTLogps, compute_sft_loss, registered_sft_loss, registered_sft_losses
 from ..trl_contract import (
     TRL_SFT_LOSS_TYPES,
@@ -26,6 +25,7 @@ from ..trl_contract import (
 )
 from .ift_inputs import check_parameters_are_whole, ift_inputs
 from .metrics import log_means
+from .model_args import resolve_model_and_args
 from .model_card import CitesItsLosses
 from .packed import rows_per_sequence
 from .reference import (

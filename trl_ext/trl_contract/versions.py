@@ -3,17 +3,16 @@
 
 import os
 import warnings
-from importlib import resources
+from importlib import metadata, resources
 
-import transformers
-import trl
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 ALLOW_UNSUPPORTED_ENV = "TRL_EXT_ALLOW_UNSUPPORTED_TRL"
 REQUIREMENTS_FILE = "requirements.txt"
 # The distributions whose internals trl_ext relies on: a release outside the declared range is refused at import.
-CHECKED_AT_IMPORT = {"trl": trl.__version__, "transformers": transformers.__version__}
+# (their installed metadata: the version a running process imports)
+CHECKED_AT_IMPORT = ("trl", "transformers")
 
 def declared_requirements() -> dict[str, Requirement]:
     """trl-ext's runtime dependencies by name, as declared once in `trl_ext/requirements.txt` (which `pyproject.toml`
@@ -53,5 +52,5 @@ def check_version(name: str, version: str) -> None:
 
 def check_versions() -> None:
     """Checks the installed releases of the distributions whose internals trl_ext relies on (`CHECKED_AT_IMPORT`)."""
-    for name, version in CHECKED_AT_IMPORT.items():
-        check_version(name, version)
+    for name in CHECKED_AT_IMPORT:
+        check_version(name, metadata.version(name))
