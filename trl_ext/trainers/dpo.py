@@ -30,6 +30,7 @@ from .dpo_config import DPOConfig, validate_loss_config
 from .metrics import log_means
 from .model_args import resolve_model_and_args
 from .model_card import CitesItsLosses
+from .prefix_sharing import PrefixSharing, check_prefix_sharing_can_run
 from .saving import SavesLoadableModels
 
 
@@ -69,6 +70,7 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
         super().__init__(model, ref_model, args, *trainer_args, **trainer_kwargs)
         self.chosen_is_placeholder = placeholder
         keep_4bit_layers_differentiable(self.model)
+        self.sharing_prefixes()  # its refusals, before training (if TRL's precompute has not run it already)
 
         # TRL's loss loop only knows its own names: give it those and keep ours, in the user's order, for later.
         weighted = list(zip(self.loss_types, self.loss_weights, strict=True))
@@ -88,6 +90,20 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
 
     # Stepwise DPO's stage references (`sdpo_stages > 1`)
     stepwise_reference = None
+    # The backbone hooks of `prefix_sharing`, built on first use
+    prefix_sharing = None
+
+    def sharing_prefixes(self):
+        """A context in which the policy's and the reference's forwards run on shared rows, with `prefix_sharing`."""
+        if not getattr(self.args, "prefix_sharing", False):  # a `trl.DPOConfig` has no such field
+            return contextlib.nullcontext()
+        if self.prefix_sharing is None:
+            models = [self.accelerator.unwrap_model(model) for model in (self.model, self.ref_model)
+                      if model is not None]
+            for model in models:
+                check_prefix_sharing_can_run(model, self.args.max_length, self.aux_loss_enabled)
+            self.prefix_sharing = PrefixSharing(models)
+        return self.prefix_sharing.active()
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         check_dataset_rows(dataset, dataset_name)  # also reached by `evaluate(dataset)`
@@ -107,10 +123,15 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
         keep_4bit_layers_differentiable(self.model)
         return super()._precompute_ref_logps(dataset, name, batch_size)
 
+    def compute_ref_log_probs(self, model, inputs):
+        with self.sharing_prefixes():
+            return super().compute_ref_log_probs(model, inputs)
+
     def _compute_loss(self, model, inputs, return_outputs):
         if self.stepwise_reference is not None:
             inputs = self.stepwise_reference.with_stage_reference_logps(inputs, self.model.training)
-        result = self.trl_and_registered_losses(model, inputs, return_outputs)
+        with self.sharing_prefixes():
+            result = self.trl_and_registered_losses(model, inputs, return_outputs)
         if self.chosen_is_placeholder[metric_mode(self)]:
             drop_metrics(self, TRL_DPO_CHOSEN_METRICS)
         return result

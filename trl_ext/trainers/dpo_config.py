@@ -8,6 +8,7 @@ import trl
 from ..config_checks import check_training_fields
 from ..losses import registered_dpo_loss, registered_dpo_losses
 from ..trl_contract import TRL_DPO_LOSS_TYPES, default_bf16_to_what_the_machine_supports
+from .prefix_sharing import SUPPORTED_ATTENTION
 
 
 @dataclass
@@ -52,6 +53,14 @@ class DPOConfig(trl.DPOConfig):
             into this many equal stages of optimizer steps; at each stage boundary the current policy becomes the
             reference (with `precompute_ref_log_probs`, its log-probs are precomputed again). Works with any
             `loss_type`; `1` is plain training.
+        prefix_sharing (`bool`, *optional*, defaults to `False`):
+            Prefix sharing (Wang et al. 2024): the policy and the reference each run one forward per pair over
+            `[prompt | chosen | rejected]`, the two completions masked from each other, instead of two rows that both
+            hold the prompt. Every loss, TRL's and trl_ext's, and every metric get exactly the numbers of the
+            unshared forwards; the backbone's work per pair scales with `P + C + R` tokens instead of `2P + C + R`.
+            Needs an attention implementation that takes a custom mask (`sdpa`, `eager`, `flex_attention`); refused
+            with prompt-learning PEFT, a sliding window shorter than `max_length`, MoE load balancing and
+            vision-language models (see `trl_ext.trainers.prefix_sharing`).
     """
 
     # TRL's help lists only its own values; `--help` lists trl_ext's too.
@@ -79,6 +88,11 @@ class DPOConfig(trl.DPOConfig):
     sdpo_stages: int = field(
         default=1, metadata={"help": "Stepwise DPO (sDPO, Kim et al. 2024) stages: the policy becomes the reference at "
                                     "each boundary (1: plain training)."}
+    )
+    prefix_sharing: bool = field(
+        default=False, metadata={"help": "Run each pair's prompt through the model once (one row per pair, "
+                                         "[prompt | chosen | rejected]): the same numbers, fewer FLOPs. Needs "
+                                         "attn_implementation sdpa, eager or flex_attention."}
     )
 
     def __post_init__(self):
@@ -115,6 +129,7 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
         )
     _check_beta(args, loss_types)
     check_training_fields(args)
+    _check_prefix_sharing(args)
     extension = [name for name in loss_types if name in registered_dpo_losses()]
     if not extension:
         return
@@ -156,4 +171,16 @@ def _check_beta(args: trl.DPOConfig, loss_types: list[str]) -> None:
             "preference margin (for `ipo` and `sppo_hard`, it is the regularisation strength they divide by). A "
             "negative beta trains the opposite preference while the reward metrics, scaled by it, look like success; "
             "0 learns nothing. Use a positive value, e.g. 0.1 (the default)."
+        )
+
+
+def _check_prefix_sharing(args: trl.DPOConfig) -> None:
+    """Refuses, before the model loads, an attention implementation `model_init_kwargs` asks for that takes no custom
+    mask (the loaded model's own is checked by the trainer)."""
+    implementation = (args.model_init_kwargs or {}).get("attn_implementation")
+    if getattr(args, "prefix_sharing", False) and implementation not in (None, *SUPPORTED_ATTENTION):
+        raise ValueError(
+            f"`prefix_sharing=True` needs an attention implementation that takes a custom mask "
+            f"({', '.join(SUPPORTED_ATTENTION)}), but `model_init_kwargs` asks for `{implementation}`: use "
+            "`attn_implementation='sdpa'` (`--attn_implementation sdpa`), or set `prefix_sharing=False`."
         )

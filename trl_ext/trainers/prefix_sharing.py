@@ -131,9 +131,10 @@ class PrefixSharing:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
+        # First among the backbone's hooks, so that every other one sees TRL's rows (and their outputs)
         handles = [hook for backbone in self.backbones for hook in (
-            backbone.register_forward_pre_hook(self._share, with_kwargs=True),
-            backbone.register_forward_hook(self._unshare),
+            backbone.register_forward_pre_hook(self._share, with_kwargs=True, prepend=True),
+            backbone.register_forward_hook(self._unshare, prepend=True),
         )]
         try:
             yield
