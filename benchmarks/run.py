@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import product
 from pathlib import Path
 
 # (library, config overrides) per contender; the first of each family is the baseline. The "A/A" contender is the
@@ -56,6 +57,13 @@ CONTENDERS = {
         # A step between stage boundaries (the benchmark's steps never reach one)
         "sdpo": ("trl_ext", {"loss_type": "sigmoid", "sdpo_stages": 2}),
     },
+    # Prefix sharing against TRL's two rows per pair, on rows shaped as users' (`ROWS`)
+    "prefix": {
+        "trl sigmoid": ("trl", {"loss_type": "sigmoid"}),
+        "trl sigmoid A/A": ("trl", {"loss_type": "sigmoid"}),
+        "sigmoid + prefix sharing": ("trl_ext", {"loss_type": "sigmoid", "prefix_sharing": True}),
+        "dpop + prefix sharing": ("trl_ext", {"loss_type": "dpop", "prefix_sharing": True}),
+    },
     "sft": {
         "trl nll": ("trl", {"loss_type": "nll"}),
         "trl nll A/A": ("trl", {"loss_type": "nll"}),
@@ -69,7 +77,7 @@ CONTENDERS = {
 REFUSED_SETUPS = {"tdpo1": ("precomputed",), "tdpo2": ("precomputed",)}
 # Reference setups: `peft` = LoRA, reference = adapter disabled; `ref_model` = full fine-tuning against a frozen
 # copy; `precomputed` = LoRA with reference log-probs computed before training.
-SETUPS = {"dpo": ("peft", "ref_model", "precomputed"), "sft": ("peft",)}
+SETUPS = {"dpo": ("peft", "ref_model", "precomputed"), "prefix": ("peft", "precomputed"), "sft": ("peft",)}
 # Targets at the embedded model, LoRA (`peft`), sequence length 512: (step-time ratio, peak-memory ratio).
 TARGETS = {
     "trl_ext sigmoid": (1.01, 1.01),
@@ -91,15 +99,42 @@ def contenders(family: str, setup: str) -> list[str]:
 
 def synthetic_rows(num_rows: int, seq_len: int) -> dict[str, list[str]]:
     """Prompts of about a quarter of `seq_len` words and completions longer than the rest (cut by `max_length`)."""
-    def text(offset: int, num_words: int) -> str:
-        return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(num_words))
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(num_rows):
+        rows["prompt"].append(words_from(i, seq_len // 4))
+        rows["chosen"].append(" " + words_from(i + 3, seq_len))
+        rows["rejected"].append(" " + words_from(i + 7, seq_len))
+    return rows
+
+
+def words_from(offset: int, num_words: int) -> str:
+    return " ".join(WORDS[(offset + i) % len(WORDS)] for i in range(num_words))
+
+
+def token_shaped_rows(tokenizer, num_rows: int, prompt_tokens: int, completion_tokens: int) -> dict[str, list[str]]:
+    """Preference rows whose prompt and two different completions are about `prompt_tokens` and `completion_tokens`
+    tokens of `tokenizer` (texts cut at a token boundary); the two completions differ from their first word."""
+    def tokens_from(offset: int, num_tokens: int) -> str:
+        return tokenizer.decode(tokenizer(words_from(offset, num_tokens), add_special_tokens=False)["input_ids"]
+                                [:num_tokens])
 
     rows = {"prompt": [], "chosen": [], "rejected": []}
     for i in range(num_rows):
-        rows["prompt"].append(text(i, seq_len // 4))
-        rows["chosen"].append(" " + text(i + 3, seq_len))
-        rows["rejected"].append(" " + text(i + 7, seq_len))
+        rows["prompt"].append(tokens_from(i, prompt_tokens))
+        rows["chosen"].append(" " + tokens_from(i + 3, completion_tokens))
+        rows["rejected"].append(" " + tokens_from(i + 7, completion_tokens))
     return rows
+
+
+# Row shapes users bring, by name: `(prompt tokens, completion tokens)` for a sequence length (`max_length`)
+TOKEN_SHAPES = {
+    # stack-exchange-paired as the Llama-2 recipe prepares it: prompts capped at half, answers of about a quarter
+    "stack_exchange": lambda seq_len: (seq_len // 2, seq_len // 4),
+    # the Penn experiment's: a sentence opener, a one-sentence continuation
+    "penn": lambda seq_len: (12, 18),
+}
+# The row shapes each family is measured on
+FAMILY_ROWS = {"dpo": ("synthetic",), "prefix": ("stack_exchange", "penn"), "sft": ("synthetic",)}
 
 
 def model_path(model: str, cache: Path) -> str:
@@ -117,22 +152,29 @@ def model_path(model: str, cache: Path) -> str:
 
 
 def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: str, args, rows: dict | None = None,
-                  quantization_config=None, **config):
-    """The contender's trainer on `rows` (default: synthetic rows of `seq_len`), LoRA r 8 on q/k/v/o unless `setup` is
-    `ref_model`; `config`: further config fields (`packing`, `optim`, ...)."""
+                  quantization_config=None, shape: str = "synthetic", **config):
+    """The contender's trainer on `rows` (default: rows of `shape` for `seq_len`), LoRA r 8 on q/k/v/o unless `setup`
+    is `ref_model`; `config`: further config fields (`packing`, `optim`, ...)."""
     import trl
     from datasets import Dataset
     from peft import LoraConfig
+    from transformers import AutoTokenizer
 
     import trl_ext
 
     library, overrides = CONTENDERS[family][contender]
     module = trl if library == "trl" else trl_ext
+    preference = family != "sft"
     trainer_cls, config_cls = (
-        (module.DPOTrainer, module.DPOConfig) if family == "dpo" else (module.SFTTrainer, module.SFTConfig)
+        (module.DPOTrainer, module.DPOConfig) if preference else (module.SFTTrainer, module.SFTConfig)
     )
-    batch_size = args.dpo_batch_size if family == "dpo" else args.sft_batch_size
-    rows = rows or synthetic_rows(batch_size * args.batches, seq_len)
+    batch_size = args.dpo_batch_size if preference else args.sft_batch_size
+    model_name = trl_ext.resolve_model_name(model_path(model, Path(args.cache)))
+    if rows is None and shape == "synthetic":
+        rows = synthetic_rows(batch_size * args.batches, seq_len)
+    elif rows is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_name)
+        rows = token_shaped_rows(tokenizer, batch_size * args.batches, *TOKEN_SHAPES[shape](seq_len))
     if family == "sft" and "chosen" in rows:
         rows = {"prompt": rows["prompt"], "completion": rows["chosen"]}
     config = config_cls(
@@ -154,7 +196,7 @@ def build_trainer(family: str, contender: str, model: str, seq_len: int, setup: 
     if setup != "ref_model":
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     return trainer_cls(
-        model=trl_ext.resolve_model_name(model_path(model, Path(args.cache))),
+        model=model_name,
         args=config,
         train_dataset=Dataset.from_dict(rows),
         peft_config=peft_config,
@@ -282,13 +324,13 @@ def flop_ratios(steps: Iterable[tuple[str, Callable]]) -> dict[str, dict]:
 
 
 def contender_steps(family, model, seq_len, setup, args) -> dict:
-    return {name: make_step(build_trainer(family, name, model, seq_len, setup, args))
+    return {name: make_step(build_trainer(family, name, model, seq_len, setup, args, shape=args.shape))
             for name in contenders(family, setup)}
 
 
 def flops_worker(family, model, seq_len, setup, args) -> dict:
     # One contender in memory at a time: the `ref_model` setup holds a model, its reference and Adam state each
-    return flop_ratios((name, make_step(build_trainer(family, name, model, seq_len, setup, args)))
+    return flop_ratios((name, make_step(build_trainer(family, name, model, seq_len, setup, args, shape=args.shape)))
                        for name in contenders(family, setup))
 
 
@@ -322,7 +364,7 @@ def side_by_side(steps: dict[str, Callable], warmup: int, rounds: int) -> dict:
 def memory_worker(family, contender, model, seq_len, setup, args) -> float:
     import torch
 
-    step = make_step(build_trainer(family, contender, model, seq_len, setup, args))
+    step = make_step(build_trainer(family, contender, model, seq_len, setup, args, shape=args.shape))
     for _ in range(args.memory_steps):
         step()
     if torch.cuda.is_available():
@@ -375,13 +417,14 @@ def markdown(results: list[dict], info: dict, args) -> str:
         f"{info['transformers']}, trl {info['trl']}. Batch: {args.dpo_batch_size} pairs (DPO), {args.sft_batch_size} "
         f"sequences (SFT); gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; {measured}",
         "",
-        "| family | model | seq | setup | contender | GFLOP/step | FLOP ratio | step s | step ratio | peak MiB | "
-        "memory ratio | target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| family | model | seq | rows | setup | contender | GFLOP/step | FLOP ratio | step s | step ratio | "
+        "peak MiB | memory ratio | target |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in results:
         lines.append(
-            f"| {row['family']} | {row['model']} | {row['seq_len']} | {row['setup']} | {row['contender']} | "
+            f"| {row['family']} | {row['model']} | {row['seq_len']} | {row['rows']} | {row['setup']} | "
+            f"{row['contender']} | "
             f"{row['flops'] / 1e9:.2f} | {row['flop_ratio']:.3f} | {cell(row, 'step_s', '.3f')} | "
             f"{cell(row, 'step_ratio', '.3f')} | {cell(row, 'peak_mib', '.0f')} | {cell(row, 'memory_ratio', '.3f')} | "
             f"{row['target']} |"
@@ -391,7 +434,8 @@ def markdown(results: list[dict], info: dict, args) -> str:
 
 def target_verdict(row: dict) -> str:
     target = TARGETS.get(row["contender"])
-    if target is None or "step_ratio" not in row or (row["model"], row["seq_len"], row["setup"]) != ("embedded", 512, "peft"):
+    published = (row["model"], row["seq_len"], row["setup"]) == ("embedded", 512, "peft")
+    if target is None or "step_ratio" not in row or not published:
         return ""
     met = row["step_ratio"] <= target[0] and row["memory_ratio"] <= target[1]
     return f"{'met' if met else 'missed'} (<= {target[0]}, <= {target[1]})"
@@ -403,31 +447,30 @@ def main(args) -> list[dict]:
     common += ["--gradient_checkpointing"] * args.gradient_checkpointing + ["--bf16"] * args.bf16
     results, info = [], machine()
     for family in args.families:
-        for model in args.models:
-            for seq_len in args.seq_lens:
-                for setup in SETUPS[family]:
-                    if setup not in args.setups:
-                        continue
-                    where = [f"--family={family}", f"--model={model}", f"--seq_len={seq_len}", f"--setup={setup}"]
-                    print(f"measuring {family} {model} seq {seq_len} {setup}", file=sys.stderr, flush=True)
-                    if args.flops_only:
-                        measured = run_worker(["--worker=flops", *where, *common])
-                    else:
-                        measured = run_worker(["--worker=time", *where, *common])
-                        with ThreadPoolExecutor(args.memory_jobs) as pool:
-                            peaks = dict(zip(contenders(family, setup), pool.map(
-                                lambda name: run_worker(["--worker=memory", f"--contender={name}", *where, *common]),
-                                contenders(family, setup),
-                            )))
-                        baseline = contenders(family, setup)[0]
-                        for name in contenders(family, setup):
-                            measured[name].update(peak_mib=peaks[name], memory_ratio=peaks[name] / peaks[baseline])
-                    for name in contenders(family, setup):
-                        row = {"family": family, "model": model, "seq_len": seq_len, "setup": setup, "contender": name,
-                               **measured[name]}
-                        row["target"] = target_verdict(row)
-                        results.append(row)
-                    write_results(results, info, args)  # after every configuration: an interrupted run keeps them
+        for model, seq_len, shape, setup in product(args.models, args.seq_lens, FAMILY_ROWS[family], SETUPS[family]):
+            if setup not in args.setups:
+                continue
+            where = [f"--family={family}", f"--model={model}", f"--seq_len={seq_len}", f"--setup={setup}",
+                     f"--shape={shape}"]
+            print(f"measuring {family} {model} seq {seq_len} {shape} {setup}", file=sys.stderr, flush=True)
+            if args.flops_only:
+                measured = run_worker(["--worker=flops", *where, *common])
+            else:
+                measured = run_worker(["--worker=time", *where, *common])
+                with ThreadPoolExecutor(args.memory_jobs) as pool:
+                    peaks = dict(zip(contenders(family, setup), pool.map(
+                        lambda name: run_worker(["--worker=memory", f"--contender={name}", *where, *common]),
+                        contenders(family, setup),
+                    )))
+                baseline = contenders(family, setup)[0]
+                for name in contenders(family, setup):
+                    measured[name].update(peak_mib=peaks[name], memory_ratio=peaks[name] / peaks[baseline])
+            for name in contenders(family, setup):
+                row = {"family": family, "model": model, "seq_len": seq_len, "rows": shape, "setup": setup,
+                       "contender": name, **measured[name]}
+                row["target"] = target_verdict(row)
+                results.append(row)
+            write_results(results, info, args)  # after every configuration: an interrupted run keeps them
     print(write_results(results, info, args))
     return results
 
@@ -471,6 +514,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--seq_len", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default="synthetic", help=argparse.SUPPRESS)
     parser.add_argument("--contender", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:

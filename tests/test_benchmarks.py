@@ -20,19 +20,24 @@ def test_benchmark_smoke_run_writes_complete_results(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert {"device", "cpu_count", "torch", "transformers", "trl"} <= set(results["machine"])
     rows = results["results"]
-    assert [(row["family"], row["contender"]) for row in rows] == [
-        ("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "trl_ext sigmoid"), ("dpo", "dpop"),
-        ("dpo", "dpop_norm"), ("dpo", "cdpo"), ("dpo", "rdpo"), ("dpo", "beta_dpo"), ("dpo", "npo"),
-        ("dpo", "tdpo1"), ("dpo", "tdpo2"), ("dpo", "sdpo"), ("sft", "trl nll"), ("sft", "trl nll A/A"), ("sft", "kl_sft"),
-        ("sft", "kl_sft precomputed"), ("sft", "ift greedy"), ("sft", "ift soft"),
+    prefix = ["trl sigmoid", "trl sigmoid A/A", "sigmoid + prefix sharing", "dpop + prefix sharing"]
+    assert [(row["family"], row["rows"], row["contender"]) for row in rows] == [
+        *(("dpo", "synthetic", name) for name in ("trl sigmoid", "trl sigmoid A/A", "trl_ext sigmoid", "dpop",
+                                                  "dpop_norm", "cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2",
+                                                  "sdpo")),
+        *(("prefix", "stack_exchange", name) for name in prefix), *(("prefix", "penn", name) for name in prefix),
+        *(("sft", "synthetic", name) for name in ("trl nll", "trl nll A/A", "kl_sft", "kl_sft precomputed",
+                                                  "ift greedy", "ift soft")),
     ]
     for row in rows:
         assert row["step_s"] > 0 and row["peak_mib"] > 0
-        assert row["step_ratio"] > 0 and row["memory_ratio"] > 0 and row["flops"] > 0 and row["flop_ratio"] >= 1
+        assert row["step_ratio"] > 0 and row["memory_ratio"] > 0 and row["flops"] > 0
+        # Prefix sharing runs each prompt once: fewer FLOPs than TRL, on either shape; nothing else does fewer
+        assert (row["flop_ratio"] < 1) if "prefix sharing" in row["contender"] else (row["flop_ratio"] >= 1)
     assert rows[0]["step_ratio"] == rows[0]["memory_ratio"] == 1.0  # the baseline divides by itself
     table = (tmp_path / "results.md").read_text().splitlines()
-    assert table[2].startswith("| family | model | seq | setup | contender | GFLOP/step | FLOP ratio | step s |")
-    assert len([line for line in table if line.startswith("| dpo") or line.startswith("| sft")]) == 18
+    assert table[2].startswith("| family | model | seq | rows | setup | contender | GFLOP/step | FLOP ratio | step s |")
+    assert len([line for line in table if line.startswith(("| dpo", "| prefix", "| sft"))]) == 26
 
 
 @pytest.mark.e2e
@@ -65,15 +70,21 @@ def load_benchmark(name: str = "run"):
 TDPO_PEFT_FLOP_RATIO = {"cpu": 1.108, "cuda": 1.133}
 
 
-@pytest.mark.parametrize(("family", "setup"), [("dpo", "peft"), ("dpo", "precomputed"), ("sft", "peft")])
+@pytest.mark.parametrize(("family", "setup"), [("dpo", "peft"), ("dpo", "precomputed"), ("sft", "peft"),
+                                             ("prefix", "peft"), ("prefix", "precomputed")])
 def test_flops_of_a_step_against_trl(tmp_path, family, setup):
     """Exact counts: a change that adds a forward to a trl_ext loss fails here instead of hiding in timing noise."""
     benchmark = load_benchmark()
     args = benchmark.parse_args(["--smoke", "--cache", str(tmp_path)])
-    trainers = {name: benchmark.build_trainer(family, name, "tiny", 128, setup, args)
+    shape = benchmark.FAMILY_ROWS[family][0]
+    trainers = {name: benchmark.build_trainer(family, name, "tiny", 128, setup, args, shape=shape)
                 for name in benchmark.contenders(family, setup)}
     flops = benchmark.flop_ratios((name, benchmark.make_step(trainer)) for name, trainer in trainers.items())
     ratios = {name: row["flop_ratio"] for name, row in flops.items()}
+    if family == "prefix":  # stack-exchange-shaped rows: a prompt of half the length, computed once instead of twice
+        assert ratios["trl sigmoid A/A"] == 1.0
+        assert ratios["sigmoid + prefix sharing"] == ratios["dpop + prefix sharing"] < 0.9
+        return
     if family == "dpo":
         # TDPO: each model's LM head once more at the N completion positions, 2 N H V FLOPs each, both rerun in the
         # backward pass (the chunk's activation checkpointing), plus the gradient of the policy's hidden states (the
