@@ -49,7 +49,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_pipeline import LAUNCHES, cuda, error_text, pipeline_part  # noqa: E402: benchmarks/ is not a package
 from run import (  # noqa: E402
-    CONTENDERS, WORDS, build_trainer, cell, machine, make_step, run_worker, side_by_side, synthetic_rows,
+    CONTENDERS, TOKEN_SHAPES, WORDS, build_trainer, cell, machine, make_step, run_worker, side_by_side,
+    synthetic_rows, token_shaped_rows,
 )
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -62,14 +63,17 @@ BLOCKS = {
     "dpo": ("dpo", False, ("trl sigmoid", "trl sigmoid A/A", "trl_ext sigmoid", "dpop", "dpop_norm")),
     "sft packed": ("sft", True, tuple(name for name in CONTENDERS["sft"] if name != "kl_sft precomputed")),
     "sft precomputed": ("sft", False, ("trl nll", "kl_sft", "kl_sft precomputed")),
+    # Stack-exchange-shaped pairs (prompts of half the length, answers of a quarter): TRL against prefix sharing
+    "dpo prefix": ("prefix", False, ("trl sigmoid", "sigmoid + prefix sharing", "dpop + prefix sharing")),
 }
-QUICK_BLOCKS = {"dpo": ("trl sigmoid", "trl sigmoid A/A", "dpop"), "sft packed": ("trl nll", "kl_sft", "ift greedy")}
+QUICK_BLOCKS = {"dpo": ("trl sigmoid", "trl sigmoid A/A", "dpop"), "sft packed": ("trl nll", "kl_sft", "ift greedy"),
+                "dpo prefix": ("trl sigmoid", "sigmoid + prefix sharing")}
 SEQUENCES_PER_PACK = 4
 DPO_MEMORY_LIMIT_BYTES = 12e9  # QLoRA DPOP at 4 x 1024 tokens with checkpointing
 # Seconds seen on one H200 (benchmarks/README.md, "GPU suite"), of which the time plan is made. A step: 4 pairs / rows
 # x 1024 tokens with gradient checkpointing (one more policy forward than the 0.88 s DPO step seen without it).
 SECONDS_SEEN = {"process": 8, "load_7b": 10, "build_7b": 45, "launch": 30, "first_step": 3,
-                "step": {"dpo": 1.1, "sft": 0.55}}
+                "step": {"dpo": 1.1, "sft": 0.55, "prefix": 0.85}}  # prefix: TRL's step on 4 x 768 tokens
 QUICK_BUDGET_S = 8 * 60
 
 
@@ -112,7 +116,12 @@ def block_rows(family: str, packing: bool, args) -> dict:
     """DPO: pairs cut at `seq_len` tokens. SFT packed: sequences of about `seq_len / SEQUENCES_PER_PACK` tokens (the
     tokenizer spells each benchmark word as one token), enough for `batches` batches of full rows. SFT unpacked: one
     sequence of `seq_len` tokens per row."""
-    batch_size = args.dpo_batch_size if family == "dpo" else args.sft_batch_size
+    batch_size = args.sft_batch_size if family == "sft" else args.dpo_batch_size
+    if family == "prefix":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        return token_shaped_rows(tokenizer, batch_size * args.batches, *TOKEN_SHAPES["stack_exchange"](args.seq_len))
     if not packing:
         return synthetic_rows(batch_size * args.batches, args.seq_len)
     # prompt words / 4 + completion words + 3 (EOS and a margin): SEQUENCES_PER_PACK fill a row without overflowing
@@ -242,6 +251,11 @@ def target_verdicts(row: dict, on_cuda: bool) -> dict[str, str]:
                 "peak_allocated_mib", lambda value: value * 2**20 < DPO_MEMORY_LIMIT_BYTES)
         targets["memory within 1% of TRL"] = ("memory_ratio", lambda value: value <= 1.01)
         targets["step time within 2% of TRL"] = ("step_ratio", lambda value: value <= 1.02)
+    if row["family"] == "prefix" and row["contender"] != "trl sigmoid":
+        targets["at least 1.3x faster than TRL"] = ("step_ratio", lambda value: value <= 1 / 1.3)
+        targets["step ratio within 5% of FLOP ratio"] = (
+            "step_ratio", lambda value: abs(value / row["flop_ratio"] - 1) <= 0.05)
+        targets["memory at most TRL's"] = ("memory_ratio", lambda value: value <= 1.0)
     if row["family"] == "sft" and row["contender"] != "trl nll":
         targets["step ratio within 3% of FLOP ratio"] = (
             "step_ratio", lambda value: abs(value / row["flop_ratio"] - 1) <= 0.03)
@@ -425,8 +439,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", default=["pipeline", "qlora"], choices=["pipeline", "qlora"])
     parser.add_argument("--quick", action="store_true",
                         help=f"fits {QUICK_BUDGET_S // 60} minutes on one H200: the pipeline, then the DPO block "
-                             f"({', '.join(QUICK_BLOCKS['dpo'])}) and the packed SFT block "
-                             f"({', '.join(QUICK_BLOCKS['sft packed'])}); 1 warm-up + 8 timed rounds, 2 memory steps, "
+                             f"({', '.join(QUICK_BLOCKS['dpo'])}), the packed SFT block "
+                             f"({', '.join(QUICK_BLOCKS['sft packed'])}) and the prefix-sharing block "
+                             f"({', '.join(QUICK_BLOCKS['dpo prefix'])}); 1 warm-up + 8 timed rounds, 2 memory steps, "
                              "3 memory processes at once")
     parser.add_argument("--seq_len", type=int, default=1024)
     parser.add_argument("--dpo_batch_size", type=int, default=4, help="pairs per step")

@@ -189,9 +189,11 @@ GPU_SUITE_ROWS = {
     "full": [("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "trl_ext sigmoid"), ("dpo", "dpop"),
              ("dpo", "dpop_norm"), ("sft packed", "trl nll"), ("sft packed", "trl nll A/A"), ("sft packed", "kl_sft"),
              ("sft packed", "ift greedy"), ("sft packed", "ift soft"), ("sft precomputed", "trl nll"),
-             ("sft precomputed", "kl_sft"), ("sft precomputed", "kl_sft precomputed")],
+             ("sft precomputed", "kl_sft"), ("sft precomputed", "kl_sft precomputed"), ("dpo prefix", "trl sigmoid"),
+             ("dpo prefix", "sigmoid + prefix sharing"), ("dpo prefix", "dpop + prefix sharing")],
     "quick": [("dpo", "trl sigmoid"), ("dpo", "trl sigmoid A/A"), ("dpo", "dpop"), ("sft packed", "trl nll"),
-              ("sft packed", "kl_sft"), ("sft packed", "ift greedy")],
+              ("sft packed", "kl_sft"), ("sft packed", "ift greedy"), ("dpo prefix", "trl sigmoid"),
+              ("dpo prefix", "sigmoid + prefix sharing")],
 }
 
 
@@ -221,6 +223,10 @@ def test_gpu_suite_smoke_run(tmp_path, mode):
     assert rows["dpo", "dpop"]["targets"] == {name: "not measured (no CUDA device)" for name in (
         "peak allocated < 12 GB", "memory within 1% of TRL", "step time within 2% of TRL")}
     assert rows["dpo", "trl sigmoid"]["targets"] == {}
+    # Prefix sharing on stack-exchange-shaped pairs: fewer FLOPs than TRL's two rows per pair
+    assert rows["dpo prefix", "sigmoid + prefix sharing"]["flop_ratio"] < 0.9
+    assert set(rows["dpo prefix", "sigmoid + prefix sharing"]["targets"]) == {
+        "at least 1.3x faster than TRL", "step ratio within 5% of FLOP ratio", "memory at most TRL's"}
     pipeline = {row["step"]: row["status"] for row in results["pipeline"]}
     assert pipeline == {"sft + merge": "passed", "dpop (single_gpu)": "passed", "dpop (deepspeed_zero2)":
                         "skipped: needs CUDA", "dpop (deepspeed_zero3)": "skipped: needs CUDA",
@@ -243,11 +249,12 @@ def test_quick_mode_plan_fits_its_budget():
     the suite's own start; the full suite plans every block."""
     suite = load_benchmark("gpu_suite")
     quick = suite.time_plan(suite.parse_args(["--quick"]))
-    assert list(quick) == ["pipeline", "checkpoint build", "qlora dpo", "qlora sft packed"]
+    assert list(quick) == ["pipeline", "checkpoint build", "qlora dpo", "qlora sft packed", "qlora dpo prefix"]
     assert sum(quick.values()) <= suite.QUICK_BUDGET_S - 60
     assert quick["checkpoint build"] == 0  # built while the pipeline runs
     full = suite.time_plan(suite.parse_args([]))
-    assert list(full) == [*quick, "qlora sft precomputed"] and full["qlora dpo"] > quick["qlora dpo"]
+    assert list(full) == ["pipeline", "checkpoint build", "qlora dpo", "qlora sft packed", "qlora sft precomputed",
+                          "qlora dpo prefix"] and full["qlora dpo"] > quick["qlora dpo"]
 
 
 def test_results_log_keeps_each_record_as_written(tmp_path):
