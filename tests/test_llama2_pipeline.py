@@ -122,6 +122,7 @@ def test_published_configs_hold_the_reference_setup():
     assert (data.max_prompt_tokens, dpo.max_length, dpo.beta, dpo.learning_rate, dpo.max_steps) == (
         512, 1024, 0.1, 5e-4, 1000)
     assert dpo.loss_type == ["dpop"] and model.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert dpo.prefix_sharing  # each pair's prompt runs once: the same numbers, fewer FLOPs
 
 
 @pytest.mark.parametrize("loss_type", ["cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2"])
