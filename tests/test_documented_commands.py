@@ -402,8 +402,8 @@ README_EXAMPLES = readme_python_examples()
 
 
 def test_readme_has_its_python_examples():
-    assert len(README_EXAMPLES) == 5  # DPOP, KL-SFT and IFT, your own pairwise loss, your own SFT loss, the
-    # generation-eval callback
+    assert len(README_EXAMPLES) == 6  # DPOP, prefix sharing, KL-SFT and IFT, your own pairwise loss, your own SFT
+    # loss, the generation-eval callback
     for where, code in README_EXAMPLES:
         compile(code, where, "exec")
 
