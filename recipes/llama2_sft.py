@@ -20,6 +20,7 @@ if not __package__:  # run as a file: import the sibling recipes from the `recip
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import ModelConfig, get_peft_config
 
@@ -72,4 +73,4 @@ def parse_args(argv: list[str] | None = None) -> tuple[SFTDataArguments, SFTConf
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, parse_args))
+    sys.exit(run_command(main, parse_args, own_code=Path(__file__).parent))

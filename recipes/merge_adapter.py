@@ -55,4 +55,4 @@ def parse_args(argv: list[str] | None = None) -> tuple[MergeArguments]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, parse_args))
+    sys.exit(run_command(main, parse_args, own_code=Path(__file__).parent))

@@ -21,7 +21,7 @@ import yaml
 from trl import TrlParser
 
 import trl_ext
-from trl_ext.scorers import PENN_PATTERN
+from recipes.penn_data import PENN_PATTERN
 from trl_ext.scripts.common import CommandParser, check_config_file
 
 CONFIGS = Path(__file__).parent / "configs" / "penn"

@@ -25,7 +25,10 @@ import sys
 from pathlib import Path
 
 from trl_ext.cli import run_command
-from trl_ext.scorers import PENN_PATTERN
+
+# The experiment's target, what its alignment accuracy counts: University of Pennsylvania, UPenn or Penn as a word
+# ("Penn's" counts, "Pennsylvania" alone does not)
+PENN_PATTERN = r"\b(?:University of Pennsylvania|UPenn|Penn)\b"
 
 # Verb phrases ending where a place or thing is named: (base, past, third person present, gerund).
 VERBS = [
@@ -239,4 +242,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, parse_args))
+    sys.exit(run_command(main, parse_args, own_code=Path(__file__).parent))

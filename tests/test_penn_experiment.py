@@ -92,6 +92,16 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
     assert stored == completions
 
 
+def test_quick_run_of_one_method(tiny_model_dir, tmp_path):
+    setup = parse(["--quick", "--methods", "sft", "--model_name_or_path", tiny_model_dir, "--lora_target_modules",
+                   "q_proj", "v_proj", "--output_dir", str(tmp_path)])
+    assert setup.args.methods == ["sft"] and setup.args.quick and list(setup.training) == ["sft"]
+    summary = penn.main(setup)
+    assert list(summary["metrics"]) == ["sft"]
+    check_curve(tmp_path, summary["methods"]["sft"])
+    assert (tmp_path / "alignment_accuracy_curves.png").stat().st_size > 0
+
+
 @pytest.mark.e2e
 def test_dpo_family_trains_on_the_rows_its_budget_reaches_and_shares_one_reference_precompute(tiny_model_dir,
                                                                                              tmp_path):
