@@ -12,8 +12,8 @@ Reads `recipes/configs/llama2_dpo.yaml` unless `--config` names another file; ev
 `--max_length` tokens are dropped.
 """
 
-if not __package__:  # run as a file: import the sibling recipes from the `recipes` package
-    import _package  # noqa: F401
+# First: trl_ext drops the CPU-kernel notice bitsandbytes prints when peft (also through trl) imports it
+import trl_ext  # noqa: F401
 
 import sys
 from dataclasses import dataclass, field
@@ -21,8 +21,8 @@ from pathlib import Path
 
 from trl import ModelConfig
 
-from recipes import stack_exchange
-from recipes.recipe_utils import with_default_config
+import stack_exchange
+from recipe_utils import with_default_config
 from trl_ext import DPOConfig, DPOTrainer
 from trl_ext.cli import run_command
 from trl_ext.data import prepare_preference_pairs

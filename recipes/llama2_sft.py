@@ -15,8 +15,8 @@ accelerate launch --cpu recipes/llama2_sft.py --model_name_or_path embedded:smol
 Reads `recipes/configs/llama2_sft.yaml` unless `--config` names another file; every field is also a flag.
 """
 
-if not __package__:  # run as a file: import the sibling recipes from the `recipes` package
-    import _package  # noqa: F401
+# First: trl_ext drops the CPU-kernel notice bitsandbytes prints when peft (also through trl) imports it
+import trl_ext  # noqa: F401
 
 import sys
 from dataclasses import dataclass, field
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from trl import ModelConfig, get_peft_config
 
-from recipes import stack_exchange
-from recipes.merge_adapter import merge_adapter
-from recipes.recipe_utils import with_default_config
+import stack_exchange
+from merge_adapter import merge_adapter
+from recipe_utils import with_default_config
 from trl_ext import SFTConfig, SFTTrainer
 from trl_ext.cli import run_command
 from trl_ext.scripts.common import CommandParser, model_and_tokenizer, train_and_save

@@ -1,7 +1,7 @@
 """Every documented command is run by a test, so a documented command cannot silently break.
 
 The commands are read from the ```bash blocks of README.md and benchmarks/README.md and of the docstrings of
-recipes/*.py and benchmarks/*.py. Each one that runs a repository script (`python X.py ...`,
+recipes/ (its packages too) and benchmarks/*.py. Each one that runs a repository script (`python X.py ...`,
 `accelerate launch [launcher options] X.py ...`) or the command line (`trl-ext ...`, `python -m trl_ext.cli ...`,
 `accelerate launch [launcher options] -m trl_ext.cli ...`) is parsed as it would be run: accelerate's launcher options by
 accelerate's own parser (a `--config_file` must exist and load), then the script's arguments by the script's
@@ -11,7 +11,6 @@ model and no data. A few cheap commands also run for real (`e2e`), and so do the
 
 import contextlib
 import importlib
-import importlib.util
 import io
 import os
 import re
@@ -57,7 +56,7 @@ class Command:
 
 
 def documented_files() -> list[Path]:
-    return [ROOT / name for name in MARKDOWN_FILES] + sorted((ROOT / "recipes").glob("*.py")) + sorted(
+    return [ROOT / name for name in MARKDOWN_FILES] + sorted((ROOT / "recipes").rglob("*.py")) + sorted(
         (ROOT / "benchmarks").glob("*.py"))
 
 
@@ -161,24 +160,15 @@ def script_invocation(command: Command):
     return None
 
 
-_MODULES = {}
-
-
 def script_module(script: str):
-    """The module of a repository script: recipes from the `recipes` package, the rest from their file; `trl_ext.cli`
-    for the command line."""
+    """The module of a repository script, imported by its name as running it would (its directory is on the tests'
+    path: pyproject's `pythonpath`); `trl_ext.cli` for the command line."""
     if script == CLI:
         return importlib.import_module("trl_ext.cli")
     path = (ROOT / script).resolve()
     assert path.is_file(), f"{script} does not exist"
-    if path.parent == ROOT / "recipes":
-        return importlib.import_module(f"recipes.{path.stem}")
-    if path not in _MODULES:
-        spec = importlib.util.spec_from_file_location(f"documented_{path.parent.name}_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _MODULES[path] = module
-    return _MODULES[path]
+    assert path.parent in (ROOT / "recipes", ROOT / "benchmarks"), f"{script}: not a script of recipes/ or benchmarks/"
+    return importlib.import_module(path.stem)
 
 
 def parse_command(command: Command):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from recipes import penn_data
-from recipes.penn_config import PennArguments
-from recipes.penn_data import PENN_PATTERN
+from penn import data as penn_data
+from penn.config import PennArguments
+from penn.data import PENN_PATTERN
 from trl_ext.scorers import Generations, RegexMatch
 
 ROOT = Path(__file__).resolve().parents[1]

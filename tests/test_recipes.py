@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_recipe(name: str):
-    return importlib.import_module(f"recipes.{name}")
+    return importlib.import_module(name)  # recipes/ is on the tests' path, as on a script's
 
 
 def parse(args: list[str]):

@@ -289,7 +289,7 @@ def test_help_lists_every_loss_type_and_names_the_subcommand(capsys, subcommand,
 def test_penn_without_matplotlib_refuses_before_training(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """`python recipes/penn_experiment.py` refuses in one line: the recipe's own check, raised in recipes/, which the
     script names as its own code to `run_command`."""
-    from recipes import penn_experiment
+    import penn_experiment
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     output_dir = tmp_path / "penn"
@@ -343,7 +343,8 @@ def test_a_recipe_script_refuses_in_one_line_without_the_bitsandbytes_notice(tmp
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("script", ["recipes/penn_experiment.py", "recipes/llama2_sft.py", "recipes/merge_adapter.py"])
+@pytest.mark.parametrize("script", ["recipes/penn_experiment.py", "recipes/llama2_sft.py", "recipes/llama2_dpo.py",
+                                    "recipes/merge_adapter.py"])
 def test_recipes_that_import_peft_print_no_bitsandbytes_notice(script):
     """These recipes import peft (hence bitsandbytes) themselves; run as files, they import trl_ext first."""
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
