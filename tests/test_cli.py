@@ -16,8 +16,7 @@ import pytest
 
 from trl_ext import cli
 
-from .conftest import OPENERS
-from .test_recipes import run_dpo_script
+from .conftest import OPENERS, run_dpo_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "recipes/data/penn_pairs_sample.jsonl")
