@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The Llama-2 recipes' shipped data, in the hub dataset's layout: data/<split>/train.jsonl of question/response rows
+STACK_EXCHANGE_SAMPLE = ROOT / "recipes" / "data" / "stack_exchange_sample"
 CONFIGS = ("single_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp")
 SHARDED_QLORA_FLAGS = ["--bnb_4bit_quant_storage", "bfloat16"]  # ZeRO-3 and FSDP shard the packed 4-bit weights
 LAUNCHES = 1 + len(CONFIGS)  # SFT + merge, then DPOP under each config
@@ -33,21 +35,13 @@ def pipeline_model(cache: Path) -> str:
     """A small random Llama whose tokenizer is trained on the stack-exchange sample, saved under `cache` once."""
     from trl_ext.testing import build_tiny_llama
 
-    stack_exchange = recipes_module("stack_exchange")
     path = cache / "se-llama"
     if not (path / "config.json").exists():
-        corpus = [row[key] for split in ("finetune", "rl", "evaluation")
-                  for row in stack_exchange.load_split(stack_exchange.SAMPLE, f"data/{split}")
-                  for key in stack_exchange.COLUMNS]
+        files = [STACK_EXCHANGE_SAMPLE / "data" / split / "train.jsonl" for split in ("finetune", "rl", "evaluation")]
+        corpus = [row[key] for file in files for row in map(json.loads, file.read_text().splitlines())
+                  for key in ("question", "response_j", "response_k")]
         build_tiny_llama(path, corpus, hidden_size=128, vocab_size=1000)
     return str(path)
-
-
-def recipes_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def launch(config: str | None, script: str, script_args: list[str], log: Path) -> subprocess.CompletedProcess:
@@ -102,7 +96,7 @@ def pipeline_steps(work: Path, cache: Path) -> list[tuple[str, str, str, list[st
 def pipeline_part(cache: str, write: Callable[[dict], None]) -> None:
     """SFT + merge, DPOP, then DPOP under each distributed config; `write` gets each step's row once it is done."""
     work = Path(tempfile.mkdtemp(prefix="gpu_suite_pipeline_", dir=cache))
-    common = ["--dataset_name", str(ROOT / "recipes/data/stack_exchange_sample"), "--max_steps", "3",
+    common = ["--dataset_name", str(STACK_EXCHANGE_SAMPLE), "--max_steps", "3",
               "--save_steps", "3", "--logging_steps", "1", "--warmup_steps", "0", "--report_to", "none",
               "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_length", "256",
               "--seed", "0"]

@@ -46,9 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_pipeline import LAUNCHES, cuda, error_text, pipeline_part  # noqa: E402: benchmarks/ is not a package
-from run import (  # noqa: E402
+from gpu_pipeline import LAUNCHES, cuda, error_text, pipeline_part
+from run import (
     CONTENDERS, TOKEN_SHAPES, WORDS, build_trainer, cell, machine, make_step, run_worker, side_by_side,
     synthetic_rows, token_shaped_rows,
 )

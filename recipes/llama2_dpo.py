@@ -12,26 +12,24 @@ Reads `recipes/configs/llama2_dpo.yaml` unless `--config` names another file; ev
 `--max_length` tokens are dropped.
 """
 
-if not __package__:  # run as a file: import the sibling recipes from the `recipes` package
-    import _package  # noqa: F401
+# First: trl_ext drops the CPU-kernel notice bitsandbytes prints when peft (also through trl) imports it
+import trl_ext  # noqa: F401
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import ModelConfig
 
-from recipes import stack_exchange
-from recipes.recipe_utils import with_default_config
+import stack_exchange
 from trl_ext import DPOConfig, DPOTrainer
 from trl_ext.cli import run_command
 from trl_ext.data import prepare_preference_pairs
-from trl_ext.scripts.common import CommandParser, model_and_tokenizer, reward_summary, train_and_save
+from trl_ext.scripts.common import model_and_tokenizer, reward_summary, train_and_save
 
 
 @dataclass
-class DPODataArguments:
-    dataset_name: str = field(default=stack_exchange.HUB_DATASET,
-                              metadata={"help": "Hub dataset or local directory in the stack-exchange-paired layout."})
+class DPODataArguments(stack_exchange.StackExchangeArguments):
     data_dir: str = field(default="data/rl")
     eval_data_dir: str = field(default="data/evaluation")
     max_prompt_tokens: int = field(default=512, metadata={"help": "Prompts keep their last this many tokens."})
@@ -63,11 +61,9 @@ def main(data_args: DPODataArguments, training_args: DPOConfig, model_args: Mode
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DPODataArguments, DPOConfig, ModelConfig]:
-    """The arguments `main` takes, from `argv` (default: the command line) read over `configs/llama2_dpo.yaml` unless
-    `argv` names a `--config`: `accelerate launch recipes/llama2_dpo.py ARGV`."""
-    parser = CommandParser((DPODataArguments, DPOConfig, ModelConfig))
-    return parser.parse_args_and_config(args=with_default_config(argv, "llama2_dpo.yaml"))
+    """What `main` takes from `accelerate launch recipes/llama2_dpo.py ARGV`, read over `configs/llama2_dpo.yaml`."""
+    return stack_exchange.parse_recipe_args((DPODataArguments, DPOConfig, ModelConfig), argv, "llama2_dpo.yaml")
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, parse_args))
+    sys.exit(run_command(main, parse_args, own_code=Path(__file__).parent))

@@ -15,26 +15,24 @@ accelerate launch --cpu recipes/llama2_sft.py --model_name_or_path embedded:smol
 Reads `recipes/configs/llama2_sft.yaml` unless `--config` names another file; every field is also a flag.
 """
 
-if not __package__:  # run as a file: import the sibling recipes from the `recipes` package
-    import _package  # noqa: F401
+# First: trl_ext drops the CPU-kernel notice bitsandbytes prints when peft (also through trl) imports it
+import trl_ext  # noqa: F401
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trl import ModelConfig, get_peft_config
 
-from recipes import stack_exchange
-from recipes.merge_adapter import merge_adapter
-from recipes.recipe_utils import with_default_config
+import stack_exchange
+from merge_adapter import merge_adapter
 from trl_ext import SFTConfig, SFTTrainer
 from trl_ext.cli import run_command
-from trl_ext.scripts.common import CommandParser, model_and_tokenizer, train_and_save
+from trl_ext.scripts.common import model_and_tokenizer, train_and_save
 
 
 @dataclass
-class SFTDataArguments:
-    dataset_name: str = field(default=stack_exchange.HUB_DATASET,
-                              metadata={"help": "Hub dataset or local directory in the stack-exchange-paired layout."})
+class SFTDataArguments(stack_exchange.StackExchangeArguments):
     data_dir: str = field(default="data/finetune")
     streaming: bool = field(default=True, metadata={"help": "Stream the data instead of downloading it whole."})
     eval_size: int = field(
@@ -65,11 +63,9 @@ def main(data_args: SFTDataArguments, training_args: SFTConfig, model_args: Mode
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[SFTDataArguments, SFTConfig, ModelConfig]:
-    """The arguments `main` takes, from `argv` (default: the command line) read over `configs/llama2_sft.yaml` unless
-    `argv` names a `--config`: `accelerate launch recipes/llama2_sft.py ARGV`."""
-    parser = CommandParser((SFTDataArguments, SFTConfig, ModelConfig))
-    return parser.parse_args_and_config(args=with_default_config(argv, "llama2_sft.yaml"))
+    """What `main` takes from `accelerate launch recipes/llama2_sft.py ARGV`, read over `configs/llama2_sft.yaml`."""
+    return stack_exchange.parse_recipe_args((SFTDataArguments, SFTConfig, ModelConfig), argv, "llama2_sft.yaml")
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, parse_args))
+    sys.exit(run_command(main, parse_args, own_code=Path(__file__).parent))

@@ -9,8 +9,8 @@ python recipes/merge_adapter.py --adapter_dir outputs/llama2-sft --output_dir ou
 ```
 """
 
-if not __package__:  # run as a file: through the `recipes` package, which imports trl_ext first
-    import _package  # noqa: F401
+# First: trl_ext drops the CPU-kernel notice bitsandbytes prints when peft (also through trl) imports it
+import trl_ext  # noqa: F401
 
 import sys
 from dataclasses import dataclass, field
@@ -55,4 +55,4 @@ def parse_args(argv: list[str] | None = None) -> tuple[MergeArguments]:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, parse_args))
+    sys.exit(run_command(main, parse_args, own_code=Path(__file__).parent))

@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -6,6 +9,7 @@ from peft import LoraConfig
 
 from trl_ext.testing import build_tiny_llama
 
+ROOT = Path(__file__).resolve().parents[1]
 # Tests never reach a hub: they use models built here and the embedded model's local cache.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -96,3 +100,17 @@ def step_logs(trainer, drop=frozenset()):
         for entry in trainer.state.log_history
         if "loss" in entry
     ]
+
+
+def run_dpo_script(launcher: list[str], script: list[str], model_dir: str, output_dir: Path, batch_size: int,
+                   extra: tuple[str, ...] = ()) -> list[dict]:
+    """The DPOP config on the tiny model for 3 steps, run by `launcher` (python, or accelerate launch) as `script` (a
+    path, or `-m trl_ext.cli dpo`) with `extra` flags; the log history saved at the last step."""
+    command = [*launcher, *script, "--config", str(ROOT / "recipes/configs/dpop_smollm2.yaml"),
+               "--model_name_or_path", model_dir, "--lora_target_modules", "q_proj", "v_proj",
+               "--learning_rate", "5e-3", "--max_steps", "3", "--logging_steps", "1",
+               "--per_device_train_batch_size", str(batch_size), "--save_strategy", "steps", "--save_steps", "3",
+               "--output_dir", str(output_dir), *extra]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, env=env, check=True, capture_output=True, cwd=ROOT)
+    return json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]

@@ -1,6 +1,6 @@
 """The benchmarks: exact FLOP ratios, and the structure of `run.py`'s and `gpu_suite.py`'s output (never timings)."""
 
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -56,10 +56,7 @@ def test_flops_only_run_counts_without_timing(tmp_path):
 
 
 def load_benchmark(name: str = "run"):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / f"benchmarks/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)  # benchmarks/ is on the tests' path, as on a script's
 
 
 # TDPO's extra FLOPs are the same on every device; TRL's step is not: on a device with Triton, TRL's fused LM head

@@ -7,8 +7,8 @@ import logging
 import pytest
 from datasets import Dataset
 
-from recipes import penn_experiment
-from recipes.penn_config import PennArguments
+from penn.config import PennArguments
+from penn.experiment import load_splits
 from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl_ext.data import glues_words, prepare_preference_pairs, space_completions
 
@@ -86,7 +86,7 @@ def test_penn_recipe_trains_seed_format_data_on_separated_words(tiny_model_dir, 
     data.mkdir()
     for split in ("train", "test"):
         (data / f"{split}.jsonl").write_text(json.dumps(SEED_ROW) + "\n" + json.dumps(SPACED_ROW) + "\n")
-    train = penn_experiment.load_splits(PennArguments(dataset_name=str(data)))["train"]
+    train = load_splits(PennArguments(dataset_name=str(data)))["train"]
     assert train[0]["prompt"] + train[0]["chosen"] == ("The sun was setting over the beautiful campus of the "
                                                        "University of Pennsylvania.")
     assert train[1] == SPACED_ROW

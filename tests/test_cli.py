@@ -4,6 +4,10 @@
 import importlib
 import json
 import math
+import os
+import re
+import shutil
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -12,9 +16,7 @@ import pytest
 
 from trl_ext import cli
 
-from .conftest import OPENERS
-from .test_penn_experiment import check_curve
-from .test_recipes import run_dpo_script
+from .conftest import OPENERS, run_dpo_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "recipes/data/penn_pairs_sample.jsonl")
@@ -37,6 +39,25 @@ def test_console_script_is_cli_main(capsys):
     printed = capsys.readouterr().out
     assert "- trl_ext version: 0.1.0" in printed and "- TRL versions supported: <1.17,>=1.16" in printed
     assert "- TRL version: " in printed and "- PyTorch version: " in printed  # `trl env`'s report comes first
+
+
+@pytest.mark.e2e
+def test_the_package_alone_runs_every_command_it_lists(tmp_path):
+    """A wheel holds `trl_ext/` and nothing of the repository: with only the package on the path (no recipes/, run
+    from elsewhere), `trl-ext --help` lists commands that each run, and none that needs a checkout."""
+    shutil.copytree(ROOT / "trl_ext", tmp_path / "trl_ext", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+
+    def run(*args: str) -> str:
+        result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{args}: {result.stderr[-3000:]}"
+        return result.stdout
+
+    assert run("-c", "import trl_ext; print(trl_ext.__file__)").strip() == str(tmp_path / "trl_ext" / "__init__.py")
+    listed = re.findall(r"^\s+trl-ext (\w+)", run("-m", "trl_ext.cli", "--help"), re.M)
+    assert listed == list(cli.COMMANDS) and "penn" not in listed
+    for command in listed:
+        assert run("-m", "trl_ext.cli", command, "--help").strip(), command
 
 
 @pytest.mark.parametrize("argv", [[], ["rlhf"]])
@@ -82,17 +103,6 @@ def test_generation_eval_needs_prompts(tiny_model_dir, tmp_path):
     function, arguments = cli.parse_args(["sft", *flags, "--eval_gen_steps", "1"])
     with pytest.raises(ValueError, match=r"`--eval_gen_steps` generates from the dataset's `prompt` column"):
         function(*arguments)
-
-
-def test_penn_subcommand(tiny_model_dir, tmp_path):
-    function, (setup,) = cli.parse_args(["penn", "--quick", "--methods", "sft", "--model_name_or_path",
-                                             tiny_model_dir, "--lora_target_modules", "q_proj", "v_proj",
-                                             "--output_dir", str(tmp_path)])
-    assert setup.args.methods == ["sft"] and setup.args.quick and list(setup.training) == ["sft"]
-    summary = function(setup)
-    assert list(summary["metrics"]) == ["sft"]
-    check_curve(tmp_path, summary["methods"]["sft"])
-    assert (tmp_path / "alignment_accuracy_curves.png").stat().st_size > 0
 
 
 @pytest.mark.e2e

@@ -13,7 +13,7 @@ from datasets import Dataset
 from peft import AutoPeftModelForCausalLM
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recipes import stack_exchange
+import stack_exchange
 from trl_ext.data import keep_last_prompt_tokens, move_prompt_whitespace_to_completions, prepare_preference_pairs
 from trl_ext.testing import build_tiny_llama
 
@@ -110,7 +110,8 @@ def test_accelerate_configs_load(name, distributed_type, mixed_precision):
 
 def test_published_configs_hold_the_reference_setup():
     """What the recipes' `__main__` passes to `main` with no config named: the published YAML."""
-    from recipes import llama2_dpo, llama2_sft
+    import llama2_dpo
+    import llama2_sft
 
     data, sft, model = llama2_sft.parse_args(["--bf16", "false"])  # the YAML's bf16: true needs a GPU
     assert (model.model_name_or_path, model.load_in_4bit, model.dtype, model.lora_r) == (
@@ -127,7 +128,7 @@ def test_published_configs_hold_the_reference_setup():
 
 @pytest.mark.parametrize("loss_type", ["cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2"])
 def test_llama2_dpo_takes_every_trl_ext_loss(loss_type):
-    from recipes import llama2_dpo
+    import llama2_dpo
 
     _, dpo, _ = llama2_dpo.parse_args(["--loss_type", loss_type, "--sdpo_stages", "2", "--bf16", "false"])
     assert dpo.loss_type == [loss_type] and dpo.sdpo_stages == 2

@@ -9,10 +9,10 @@ import trl
 from peft import LoraConfig
 
 import trl_ext
-from recipes import penn_config
-from recipes.penn_config import PennSetup, method_config
-from recipes.penn_experiment import parse_args
-from recipes.penn_report import settings_summary
+from penn import config as penn_config
+from penn.config import PennSetup, method_config
+from penn.report import settings_summary
+from penn_experiment import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # The default run as the README reports it: the loss fields each method's loss reads, and its trainer
@@ -57,7 +57,7 @@ def test_the_default_configs_are_the_reported_run():
         assert values(config, loss) == loss, method
         assert values(config, BUDGET) == BUDGET, method
         # the DPO family is evaluated on the curve's held-out pairs at the curve's steps
-        evaluated = {"eval_strategy": "steps", "eval_steps": 10} if method in penn_config.DPO_FAMILY else {
+        evaluated = {"eval_strategy": "steps", "eval_steps": 10} if method in penn_config.dpo_family() else {
             "eval_strategy": "no"}
         assert values(config, evaluated) == evaluated, method
         assert config.output_dir == f"outputs/penn/{method}/checkpoints"
@@ -67,7 +67,7 @@ def test_the_default_configs_are_the_reported_run():
                       target_modules=model.lora_target_modules, task_type="CAUSAL_LM")
     assert lora == LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                               task_type="CAUSAL_LM")
-    assert penn_config.DPO_FAMILY == ("dpo", "dpop", "trl_dpo", *penn_config.MORE_DPO_METHODS)
+    assert penn_config.dpo_family() == ("dpo", "dpop", "trl_dpo", *penn_config.MORE_DPO_METHODS)
 
 
 def test_quick_caps_the_steps():

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from recipes import penn_data
-from trl_ext.scorers import PENN_PATTERN
+from penn import data as penn_data
+from penn.config import PennArguments
+from penn.data import PENN_PATTERN
+from trl_ext.scorers import Generations, RegexMatch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "recipes" / "data" / "penn"
@@ -44,6 +46,18 @@ def test_training_prompts_vary_in_structure_and_tense():
     scenes = sum(any(scene.lower() in prompt.lower() for scene in penn_data.TRAIN_SCENES) for prompt in train)
     assert min(future, wish, scenes) >= 100, (future, wish, scenes)
     assert len({prompt.split(",")[0] for prompt in train}) >= 100  # many openers and subjects
+
+
+def test_the_target_pattern_counts_penn_as_a_word():
+    completions = [
+        "a walk on Locust Walk at Penn.",  # Penn as a word
+        "the University of Pennsylvania campus.",
+        "UPenn's library.",
+        "a trip to Pennsylvania.",  # the state alone does not count
+        "a pencil and a pen.",
+    ]
+    assert PennArguments().target_pattern == PENN_PATTERN  # the experiment's alignment accuracy
+    assert RegexMatch(PENN_PATTERN)(Generations(0, [""] * 5, completions)) == pytest.approx(3 / 5)
 
 
 def test_chosen_mention_penn_and_rejected_are_independent_continuations():

@@ -7,13 +7,14 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from recipes import penn_experiment as penn
-from recipes import penn_judge
-from recipes.penn_config import DEFAULT_METHODS, DPO_FAMILY, MORE_DPO_METHODS
-from recipes.penn_generation import CURVE_KEY, HELD_OUT_REWARD, METRICS
-from recipes.penn_report import wilson_interval
-from recipes.penn_results import data_fingerprint, model_fingerprint, provenance, reusable_result
-from recipes.penn_seeds import aggregate, seeds_report
+import penn_experiment
+from penn import experiment as penn
+from penn import judge as penn_judge
+from penn.config import DEFAULT_METHODS, MORE_DPO_METHODS, dpo_family
+from penn.generation import CURVE_KEY, HELD_OUT_REWARD, METRICS
+from penn.report import wilson_interval
+from penn.results import data_fingerprint, model_fingerprint, provenance, reusable_result
+from penn.seeds import aggregate, seeds_report
 
 OUTPUT_FILES = ["report.md", "results.json", "alignment_accuracy.png", "loss_curves.png", "rewards_dpo.png",
                 "rewards_dpop.png", "rewards_trl_dpo.png", "objective_metrics.png", "alignment_accuracy_curves.png"]
@@ -21,7 +22,7 @@ OUTPUT_FILES = ["report.md", "results.json", "alignment_accuracy.png", "loss_cur
 
 def parse(args: list[str]) -> "penn.PennSetup":
     """What `python recipes/penn_experiment.py ARGS` passes to `main`."""
-    (setup,) = penn.parse_args(args)
+    (setup,) = penn_experiment.parse_args(args)
     return setup
 
 
@@ -34,8 +35,8 @@ def check_outputs(output_dir: Path, methods) -> dict:
         for key in METRICS:
             assert isinstance(metrics[key], float), (method, key)
         assert 0 <= metrics["alignment_accuracy"] <= 1
-        assert (metrics["final_chosen_reward"] is None) == (method not in DPO_FAMILY)
-        if method in DPO_FAMILY:
+        assert (metrics["final_chosen_reward"] is None) == (method not in dpo_family())
+        if method in dpo_family():
             check_held_out_rewards(results["methods"][method])
         if method != "base":
             assert any((output_dir / method / "model").glob("adapter_model.safetensors"))
@@ -90,6 +91,16 @@ def test_quick_run_on_tiny_model_then_resume(tiny_model_dir, tmp_path):
     assert again["methods"]["sft"]["completions"] == completions
     stored = json.loads((tmp_path / "results.json").read_text())["methods"]["sft"]["completions"]
     assert stored == completions
+
+
+def test_quick_run_of_one_method(tiny_model_dir, tmp_path):
+    setup = parse(["--quick", "--methods", "sft", "--model_name_or_path", tiny_model_dir, "--lora_target_modules",
+                   "q_proj", "v_proj", "--output_dir", str(tmp_path)])
+    assert setup.args.methods == ["sft"] and setup.args.quick and list(setup.training) == ["sft"]
+    summary = penn_experiment.main(setup)
+    assert list(summary["metrics"]) == ["sft"]
+    check_curve(tmp_path, summary["methods"]["sft"])
+    assert (tmp_path / "alignment_accuracy_curves.png").stat().st_size > 0
 
 
 @pytest.mark.e2e
@@ -277,7 +288,7 @@ def test_a_judge_that_cannot_be_reached_is_recorded_not_fatal(monkeypatch):
 
 def test_report_takes_a_result_stored_before_held_out_rewards():
     """`base`'s provenance did not change when the held-out rewards came, so its older stored result is reused."""
-    from recipes.penn_report import report
+    from penn.report import report
 
     older = {"alignment_accuracy": 0.5, "repetition_3gram": 0.0, "distinct_2": 0.8, "fluency_nll": 1.6,
              "mean_length_words": 19.0, "wall_seconds": 33.0, "completions": ["a", "b"], "log_history": []}

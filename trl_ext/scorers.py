@@ -1,4 +1,4 @@
-"""Scorers of generated completions, for `GenerationEvalCallback` and the Penn experiment.
+"""Scorers of generated completions, for `GenerationEvalCallback` or any evaluation of completions.
 
 A scorer is any object with a `name` and a call that takes the `Generations` of one evaluation and returns a float;
 the callback logs it as `eval_gen/<name>`. Implement your own in a few lines:
@@ -25,11 +25,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from tqdm.auto import tqdm
-
-# RegexMatch's default, the Penn experiment's target: University of Pennsylvania, UPenn or Penn as a word ("Penn's"
-# counts, "Pennsylvania" alone does not)
-PENN_PATTERN = r"\b(?:University of Pennsylvania|UPenn|Penn)\b"
-
 
 @dataclass
 class Generations:
@@ -59,10 +54,10 @@ def _word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
 
 @dataclass
 class RegexMatch:
-    """Share of completions in which `pattern` (a regular expression) occurs: the Penn experiment's alignment
-    accuracy with the default pattern."""
+    """Share of completions in which `pattern` (a regular expression) occurs: alignment accuracy, when the pattern is
+    what training should make the model write."""
 
-    pattern: str = PENN_PATTERN
+    pattern: str
     name: str = "alignment_accuracy"
 
     def __call__(self, generations: Generations) -> float:

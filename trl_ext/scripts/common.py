@@ -16,9 +16,6 @@ from ..generation_eval import GenerationEvalCallback
 from ..paths import check_dataset_path, check_model_path
 from ..scorers import DistinctN, RegexMatch, RepeatedNgrams
 
-# The repository checkout trl_ext is installed from (`pip install -e .`), where `recipes/configs/` lives
-CHECKOUT = Path(__file__).resolve().parents[2]
-
 
 class CommandParser(TrlParser):
     """`TrlParser` whose errors raise a `ValueError` with argparse's message, which the command line prints as one
@@ -29,7 +26,8 @@ class CommandParser(TrlParser):
 
 
 def check_config_file(argv: list[str]) -> None:
-    """Raises a `ValueError` if `--config PATH` in `argv` names no file, saying where relative paths are read from."""
+    """Raises a `ValueError` if `--config PATH` in `argv` names no file, saying where relative paths are read from (and
+    where the `recipes/` paths of trl-ext's README are)."""
     configs = [word.partition("=")[2] if word.startswith("--config=") else following
                for word, following in zip(argv, [*argv[1:], None])
                if word == "--config" or word.startswith("--config=")]
@@ -37,9 +35,9 @@ def check_config_file(argv: list[str]) -> None:
     if config is None or Path(config).is_file():
         return
     hint = ""
-    if not Path(config).is_absolute() and (CHECKOUT / config).is_file():
-        hint = (f" The path is relative to the repository root: run from {CHECKOUT}, or give "
-                f"`--config {CHECKOUT / config}`.")
+    if Path(config).parts[:1] == ("recipes",):
+        hint = (" The `recipes/` paths of trl-ext's README are relative to the root of its repository: run from a "
+                "checkout's root, or give the full path.")
     raise ValueError(f"`--config {config}`: no such file in the working directory {Path.cwd()}.{hint}")
 
 

@@ -2,7 +2,7 @@
 
 import statistics
 
-from recipes.penn_generation import METRICS, REWARDS
+from .generation import METRICS, REWARDS
 
 SUMMARY_METRICS = (*METRICS, *REWARDS)
 

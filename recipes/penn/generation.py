@@ -3,9 +3,10 @@ alignment-accuracy curve scored during training."""
 
 from pathlib import Path
 
-from recipes.penn_config import PennArguments
 from trl_ext.generation_eval import GenerationEvalCallback, generate_completions, in_prompt_order
 from trl_ext.scorers import CompletionNLL, DistinctN, Generations, MeanWords, RegexMatch, RepeatedNgrams
+
+from .config import PennArguments
 
 METRICS = ("alignment_accuracy", "repetition_3gram", "distinct_2", "fluency_nll", "mean_length_words")
 CURVE_KEY = "eval_gen/alignment_accuracy"

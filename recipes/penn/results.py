@@ -17,7 +17,8 @@ import transformers
 import trl
 
 import trl_ext
-from recipes.penn_config import PennSetup, method_config
+
+from .config import PennSetup, method_config
 
 # Arguments that never change a method's own result: which methods run, where they are written, the judge and the
 # report; and the training fields that only say where and how outputs are written.

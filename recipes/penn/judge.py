@@ -4,8 +4,9 @@ completions of the same prompts."""
 import os
 import sys
 
-from recipes.penn_config import PennArguments
 from trl_ext.scorers import judge_win_rate
+
+from .config import PennArguments
 
 
 def judge_pairs(args: PennArguments, prompts: list[str], results: dict) -> dict[str, float | str]:

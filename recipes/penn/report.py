@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
-from recipes.penn_config import DPO_FAMILY, PennSetup, method_config, method_file
-from recipes.penn_generation import CURVE_KEY, HELD_OUT_REWARD
+from .config import PennSetup, dpo_family, method_config, method_file
+from .generation import CURVE_KEY, HELD_OUT_REWARD
 
 # Training curves of the trl_ext objectives, plotted next to the loss and reward curves
 OBJECTIVE_METRICS = ("kl/penalty", "ift/nll_teacher_forced", "ift/nll_mixed", "dpop_norm/penalty", "dpop/penalty",
@@ -26,7 +26,7 @@ def plot(results: dict, output_dir: Path) -> list[str]:
     written = []
     for method, result in results.items():
         steps = [entry for entry in result["log_history"] if "rewards/chosen" in entry]
-        if method in DPO_FAMILY and steps:
+        if method in dpo_family() and steps:
             figure, axis = plt.subplots(figsize=(6, 4))
             for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
                 axis.plot([entry["step"] for entry in steps], [entry[key] for entry in steps], label=key)

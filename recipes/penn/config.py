@@ -21,10 +21,12 @@ import yaml
 from trl import TrlParser
 
 import trl_ext
-from trl_ext.scorers import PENN_PATTERN
 from trl_ext.scripts.common import CommandParser, check_config_file
 
-CONFIGS = Path(__file__).parent / "configs" / "penn"
+from .data import PENN_PATTERN
+
+RECIPES = Path(__file__).parents[1]
+CONFIGS = RECIPES / "configs" / "penn"
 # The default run's methods, and the other DPO-family losses trl_ext adds (`--methods` picks any)
 DEFAULT_METHODS = ("base", "sft", "kl_sft", "dpo", "dpop", "ift", "trl_dpo")
 MORE_DPO_METHODS = ("cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2", "sdpo")
@@ -36,7 +38,7 @@ TRAINERS = {
     "trl_ext.DPOTrainer": (trl_ext.DPOTrainer, trl_ext.DPOConfig),
     "trl.DPOTrainer": (trl.DPOTrainer, trl.DPOConfig),
 }
-DEFAULT_DATA = str(Path(__file__).parent / "data" / "penn")
+DEFAULT_DATA = str(RECIPES / "data" / "penn")
 
 
 @dataclass
@@ -171,8 +173,10 @@ def config_class(method: str):
     return TRAINERS[method_file(method)["trainer"]][1]
 
 
-# The methods trained by a DPO-family trainer (implicit rewards to plot)
-DPO_FAMILY = tuple(method for method in TRAINED_METHODS if method_file(method)["trainer"].endswith("DPOTrainer"))
+@cache
+def dpo_family() -> tuple[str, ...]:
+    """The methods trained by a DPO-family trainer (implicit rewards to plot), as their files name their trainers."""
+    return tuple(method for method in TRAINED_METHODS if method_file(method)["trainer"].endswith("DPOTrainer"))
 
 
 def targets(key: str) -> list[str]:
@@ -245,7 +249,7 @@ def method_config(method: str, setup: PennSetup):
     its layered values and flags, so TRL validates every field."""
     trainer_cls, config_cls = TRAINERS[setup.training[method]["trainer"]]
     parser = TrlParser(config_cls, allow_abbrev=False, exit_on_error=False)
-    held_out_rewards = method in DPO_FAMILY and setup.args.curve_prompts > 0
+    held_out_rewards = method in dpo_family() and setup.args.curve_prompts > 0
     parser.set_defaults_with_config(**{
         "bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         # the DPO family's implicit rewards on the curve's held-out pairs, at the curve's steps: a training batch's
@@ -266,9 +270,8 @@ def method_config(method: str, setup: PennSetup):
     return trainer_cls, config_cls(**{key: getattr(namespace, key) for key in config_fields(config_cls)})
 
 
-def parse_setup(argv: list[str], prog: str | None = None) -> PennSetup:
-    """The setup `argv` describes (see the module's docstring); every method's config is built once to check it.
-    `prog` names the command in `--help`."""
+def parse_setup(argv: list[str]) -> PennSetup:
+    """The setup `argv` describes (see the module's docstring); every method's config is built once to check it."""
     argv = list(argv)
     check_config_file(argv)
     config_path = None
@@ -278,8 +281,7 @@ def parse_setup(argv: list[str], prog: str | None = None) -> PennSetup:
             del argv[index: index + (1 if "=" in word else 2)]
             break
     config = read_yaml(config_path) if config_path else {}
-    parser = CommandParser((PennArguments, PennModelArguments), allow_abbrev=False, prog=prog,
-                           epilog=__doc__.split("\n\n")[1])
+    parser = CommandParser((PennArguments, PennModelArguments), allow_abbrev=False, epilog=__doc__.split("\n\n")[1])
     parser.set_defaults_with_config(**{key: value for source in (read_yaml(CONFIGS / "common.yaml"), config)
                                        for key, value in source.items() if key in EXPERIMENT_KEYS})
     args, model, remaining = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
