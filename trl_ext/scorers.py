@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+
 @dataclass
 class Generations:
     """One evaluation's completions: `prompts[i]` (text, or chat messages) was continued by `completions[i]`."""
