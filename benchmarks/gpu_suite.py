@@ -48,8 +48,17 @@ from pathlib import Path
 
 from gpu_pipeline import LAUNCHES, cuda, error_text, pipeline_part
 from run import (
-    CONTENDERS, TOKEN_SHAPES, WORDS, build_trainer, cell, machine, make_step, run_worker, side_by_side,
-    synthetic_rows, token_shaped_rows,
+    CONTENDERS,
+    TOKEN_SHAPES,
+    WORDS,
+    build_trainer,
+    cell,
+    machine,
+    make_step,
+    run_worker,
+    side_by_side,
+    synthetic_rows,
+    token_shaped_rows,
 )
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -161,7 +170,7 @@ def time_block(block: str, args) -> dict:
             step = make_step(trainer)  # checks that gradient checkpointing is on
             step()  # fails here rather than halfway through the paired rounds (out of memory, say)
             steps[name], measured[name] = step, {"tokens_per_step": tokens_per_step(trainer)}
-        except Exception as error:  # noqa: BLE001: recorded, the other contenders go on
+        except Exception as error:  # noqa: BLE001 (recorded, the other contenders go on)
             measured[name] = {"error": error_text(error)}
         free_memory()  # what a failed contender held, once its exception is gone
     baseline = contenders_of(block, args)[0]
@@ -226,7 +235,7 @@ def qlora_block(block: str, args, write) -> None:
     names = contenders_of(block, args)
     try:
         measured = run_worker(["--worker=time", f"--block={block}", *worker_argv(args)], __file__)
-    except Exception as error:  # noqa: BLE001: the whole worker died (killed for memory, say)
+    except Exception as error:  # noqa: BLE001 (the whole worker died: killed for memory, say)
         measured = {name: {"error": error_text(error)} for name in names}
     # A CPU process's RSS is `benchmarks/run.py`'s measure
     measurable = [name for name in names if "error" not in measured[name]] if cuda() else []

@@ -18,6 +18,8 @@ Reads `recipes/configs/llama2_sft.yaml` unless `--config` names another file; ev
 # First: trl_ext drops the CPU-kernel notice bitsandbytes prints when peft (also through trl) imports it
 import trl_ext  # noqa: F401
 
+# isort: split
+
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

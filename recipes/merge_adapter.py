@@ -12,6 +12,8 @@ python recipes/merge_adapter.py --adapter_dir outputs/llama2-sft --output_dir ou
 # First: trl_ext drops the CPU-kernel notice bitsandbytes prints when peft (also through trl) imports it
 import trl_ext  # noqa: F401
 
+# isort: split
+
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -3,8 +3,8 @@
 The commands are read from the ```bash blocks of README.md and benchmarks/README.md and of the docstrings of
 recipes/ (its packages too) and benchmarks/*.py. Each one that runs a repository script (`python X.py ...`,
 `accelerate launch [launcher options] X.py ...`) or the command line (`trl-ext ...`, `python -m trl_ext.cli ...`,
-`accelerate launch [launcher options] -m trl_ext.cli ...`) is parsed as it would be run: accelerate's launcher options by
-accelerate's own parser (a `--config_file` must exist and load), then the script's arguments by the script's
+`accelerate launch [launcher options] -m trl_ext.cli ...`) is parsed as it would be run: accelerate's launcher options
+by accelerate's own parser (a `--config_file` must exist and load), then the script's arguments by the script's
 `parse_args`, which returns what its `__main__` passes to `main` (default `--config` included). Parsing loads no
 model and no data. A few cheap commands also run for real (`e2e`), and so do the README's ```python examples.
 """

@@ -13,6 +13,7 @@ from trl_ext import DPOConfig, DPOTrainer, PreferenceLossOutput, register_dpo_lo
 
 from .conftest import CHOSEN, LORA, OPENERS, make_config, step_logs, train
 
+
 @pytest.mark.parametrize(
     "loss_config",
     [

@@ -268,8 +268,8 @@ def test_sdpo_refuses_what_it_cannot_honour(tiny_model_dir, preference_dataset, 
                     max_steps=3, save_strategy="steps", save_steps=2)
     resumed = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset,
                          args=make_config(DPOConfig, tmp_path / "resumed", sdpo_stages=3, max_steps=3))
-    with pytest.raises(ValueError, match=r"Resuming stepwise DPO \(`sdpo_stages`\) from step 2, past the stage boundary at "
-                                         r"step 1"):
+    with pytest.raises(ValueError, match=r"Resuming stepwise DPO \(`sdpo_stages`\) from step 2, past the stage "
+                                         r"boundary at step 1"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-2"))
     assert trainer.state.global_step == 3
 

@@ -1,4 +1,4 @@
-"""IFT's first pass (`trl_ext.trainers.ift_inputs.predict_next_embeddings`) against a naive full-logits implementation."""
+"""IFT's first pass (`trl_ext.trainers.ift_inputs.predict_next_embeddings`) against a naive full-logits version."""
 
 import pytest
 import torch

@@ -236,7 +236,8 @@ def test_qlora_pipeline_on_embedded_model(tmp_path):
         adapted_logits = adapted(**prompt).logits
         with adapted.disable_adapter():
             base_logits = adapted(**prompt).logits
-    merge_error, adapter_effect = (merged_logits - adapted_logits).abs().mean(), (adapted_logits - base_logits).abs().mean()
+    merge_error = (merged_logits - adapted_logits).abs().mean()
+    adapter_effect = (adapted_logits - base_logits).abs().mean()
     assert merge_error < 0.2 * adapter_effect
     output = merged.generate(**prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     assert tokenizer.decode(output[0, prompt["input_ids"].shape[1]:]).strip()

@@ -20,7 +20,8 @@ CONTRACT = PACKAGE / "trl_contract"
 THEIR_SOURCES = [
     *Path(trl.__file__).parent.rglob("*.py"),
     *(Path(transformers.__file__).parent / name for name in (
-        "trainer.py", "training_args.py", "trainer_callback.py", "modeling_utils.py", "integrations/integration_utils.py",
+        "trainer.py", "training_args.py", "trainer_callback.py", "modeling_utils.py",
+        "integrations/integration_utils.py",
     )),
     *Path(accelerate.__file__).parent.glob("*.py"),
     *Path(peft.__file__).parent.glob("*.py"),
@@ -54,8 +55,9 @@ def private_names_used(tree: ast.AST) -> list[tuple[int, str]]:
             via_super = (isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
                          and node.value.func.id == "super")
             name = None if via_super and node.attr in OVERRIDDEN else node.attr
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr")
-              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr") and len(node.args) > 1
+              and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
             name = node.args[1].value
         else:
             continue
@@ -71,7 +73,8 @@ def package_modules() -> list[Path]:
 def test_trl_and_transformers_private_names_are_used_only_in_the_contract():
     theirs = their_private_names()
     assert {"_metrics", "_paper", "_prepare_inputs", "_signature_columns"} <= theirs  # the scan sees them
-    leaks = [f"{path.relative_to(PACKAGE.parent)}:{line} `{name}`" for path in package_modules() if CONTRACT not in path.parents
+    leaks = [f"{path.relative_to(PACKAGE.parent)}:{line} `{name}`"
+             for path in package_modules() if CONTRACT not in path.parents
              for line, name in private_names_used(ast.parse(path.read_text())) if name in theirs]
     assert not leaks, "Private TRL/transformers names outside trl_ext/trl_contract/ (add a door there): " + \
         ", ".join(leaks)

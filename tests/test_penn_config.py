@@ -133,8 +133,10 @@ def test_a_method_file_with_an_unknown_key_is_refused_naming_it(tmp_path, monkey
         penn_config.method_file.cache_clear()
 
 
-@pytest.mark.parametrize("argv, order", [([], "40 steps x batch 8 (length-grouped batches in a seeded order), lr 0.0006"),
-                                         (["--train_sampling_strategy", "random"], "(random sampler)")])
+@pytest.mark.parametrize("argv, order", [
+    ([], "40 steps x batch 8 (length-grouped batches in a seeded order), lr 0.0006"),
+    (["--train_sampling_strategy", "random"], "(random sampler)"),
+])
 def test_report_header_states_the_budget_and_row_order(argv, order):
     assert order in settings_summary(setup_of(argv), 125)
 

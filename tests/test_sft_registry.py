@@ -13,7 +13,8 @@ from .conftest import LORA, make_config, step_logs, train
 def test_kl_sft_and_ift_are_registered_and_exported():
     assert {"kl_sft", "ift"} <= set(trl_ext.registered_sft_losses())
     assert trl_ext.losses.registered_sft_loss("kl_sft").reference
-    assert trl_ext.losses.registered_sft_loss("ift").ift_inputs and trl_ext.losses.registered_sft_loss("ift").replaces_nll
+    ift = trl_ext.losses.registered_sft_loss("ift")
+    assert ift.ift_inputs and ift.replaces_nll
 
 
 def test_registered_loss_is_added_to_trl_nll(tiny_model_dir, preference_dataset, tmp_path):

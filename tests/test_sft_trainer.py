@@ -75,7 +75,8 @@ def test_kl_sft_penalty_holds_policy_closer_to_reference(tiny_model_dir, prefere
     ("config", "message"),
     [
         ({"loss_type": "kl_sft", "kl_coef": -0.1}, r"`kl_coef` must be a finite number >= 0, got -0.1"),
-        ({"loss_type": "kl_sft", "kl_penalty": "forward_kl"}, r"Unknown `kl_penalty` 'forward_kl'. Valid values: \['sq_logratio', 'token_kl'\]"),
+        ({"loss_type": "kl_sft", "kl_penalty": "forward_kl"},
+         r"Unknown `kl_penalty` 'forward_kl'. Valid values: \['sq_logratio', 'token_kl'\]"),
         ({"loss_type": "klsft"},
          r"Unknown `loss_type` 'klsft'. Valid values: TRL's \['nll', 'dft'\] and trl_ext's \['kl_sft', 'ift'"),
     ],
@@ -137,7 +138,8 @@ def test_ift_with_lora(tiny_model_dir, preference_dataset, tmp_path):
     [
         ({"loss_type": "ift", "ift_lambda": 1.5}, r"`ift_lambda` must be in \[0, 1\], got 1.5"),
         ({"loss_type": "ift", "ift_gamma": -0.1}, r"`ift_gamma` must be in \[0, 1\], got -0.1"),
-        ({"loss_type": "ift", "ift_prediction": "sampled"}, r"Unknown `ift_prediction` 'sampled'. Valid values: \['greedy', 'soft'\]"),
+        ({"loss_type": "ift", "ift_prediction": "sampled"},
+         r"Unknown `ift_prediction` 'sampled'. Valid values: \['greedy', 'soft'\]"),
     ],
 )
 def test_bad_ift_config_is_refused(tmp_path, config, message):

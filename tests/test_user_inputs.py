@@ -108,8 +108,8 @@ def test_output_dir_that_is_a_file_is_refused(tmp_path, config_cls):
 def test_batch_size_and_output_dir_on_the_command_line(tiny_model_dir, tmp_path, capsys):
     status, error = refusal(command("dpo", tiny_model_dir, SAMPLE, tmp_path, "--per_device_train_batch_size", "0"),
                             capsys)
-    assert status == 2 and error == "error: `per_device_train_batch_size` must be an integer >= 1, got 0: set it to 1 " \
-                                    "or more."
+    assert status == 2
+    assert error == "error: `per_device_train_batch_size` must be an integer >= 1, got 0: set it to 1 or more."
     existing = tmp_path / "taken"
     existing.write_text("")
     status, error = refusal(command("sft", tiny_model_dir, SAMPLE, existing), capsys)

@@ -140,8 +140,8 @@ def report(results: dict, judge: dict, setup: PennSetup, prompts: list[str]) -> 
         "",
         settings_summary(setup, len(prompts)) + " Alignment accuracy with its 95% Wilson interval.",
         "",
-        "| method | alignment accuracy | repeated 3-grams | distinct-2 | fluency NLL | mean words | chosen reward: final "
-        "(lowest) | wall time (s) |",
+        "| method | alignment accuracy | repeated 3-grams | distinct-2 | fluency NLL | mean words "
+        "| chosen reward: final (lowest) | wall time (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, result in results.items():
@@ -157,8 +157,8 @@ def report(results: dict, judge: dict, setup: PennSetup, prompts: list[str]) -> 
     curves = {name: [entry for entry in result["log_history"] if CURVE_KEY in entry]
               for name, result in results.items()}
     if any(result.get("final_chosen_reward") is not None for result in results.values()):
-        lines += ["", f"Chosen reward: TRL's `eval_rewards/chosen` (beta times the chosen completion's log-ratio to the "
-                      f"reference) on the pairs of the first {min(args.curve_prompts, len(prompts))} held-out "
+        lines += ["", "Chosen reward: TRL's `eval_rewards/chosen` (beta times the chosen completion's log-ratio to "
+                      f"the reference) on the pairs of the first {min(args.curve_prompts, len(prompts))} held-out "
                       "prompts, at the curve's steps: at the end, and the lowest."]
     if any(curves.values()):
         lines += ["", f"Alignment accuracy during training (the first {min(args.curve_prompts, len(prompts))} "
