@@ -11,16 +11,20 @@ import contextlib
 import socket
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import transformers
 from accelerate import FullyShardedDataParallelPlugin
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
+from datasets import Dataset
 from peft import AutoPeftModelForCausalLM
+from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType, fully_shard
 
 from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+from trl_ext.trainers.saving import check_adapter_has_weights, load_adapter_into_fsdp1
 from trl_ext.trl_contract import record_fused_outputs
 
 from .conftest import LORA, make_config
@@ -45,9 +49,14 @@ def cpu_config(config_cls, tmp_path, **fields):
 
 
 def wrap(kind: str, model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP1 as `accelerate_configs/fsdp.yaml` sets it up (flat parameters: `use_orig_params: false`), with the
+    auto-wrap policy transformers installs for a PEFT model (each LoRA layer and decoder layer a unit of its own);
+    FSDP2 with each decoder layer a unit of its own."""
+    is_peft = hasattr(model, "peft_config")
     if kind == "fsdp1":
-        return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
-    for layer in model.base_model.model.model.layers if hasattr(model, "peft_config") else model.model.layers:
+        return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=False,
+                                        auto_wrap_policy=fsdp_auto_wrap_policy(model) if is_peft else None)
+    for layer in model.base_model.model.model.layers if is_peft else model.model.layers:
         fully_shard(layer)
     return fully_shard(model)  # FSDP2 changes the module's class in place and returns it
 
@@ -191,3 +200,48 @@ def test_a_checkpoint_under_fsdp_holds_the_adapter_and_resumes_it(gloo_group, ti
     assert resumed.keys() == trained.keys()
     for name, weight in resumed.items():
         torch.testing.assert_close(weight, trained[name], rtol=0, atol=0)
+
+
+
+def resume_on_two_processes(rank: int, port: int, model_dir: str, output_dir: str, dataset_rows: dict):
+    """One of two gloo processes: a PEFT DPO trainer's adapter saved by PEFT, the model wrapped by FSDP1 with its
+    parameters sharded between the two (`FULL_SHARD`), the adapter moved on, then restored from the saved file. Each
+    process writes the adapter it then holds. (Saving under `FULL_SHARD` is not run here: accelerate gathers the
+    state dict with `offload_to_cpu`, which FSDP1 supports only for parameters on an accelerator.)"""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer = peft_trainer("dpo", model_dir, Dataset.from_dict(dataset_rows), output_dir)
+    trained_adapter(trainer)
+    if rank == 0:
+        trainer.model.save_pretrained(f"{output_dir}/adapter")
+    dist.barrier()
+    run_under_fsdp(trainer, "fsdp1", "SHARDED_STATE_DICT")
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)
+    load_adapter_into_fsdp1(trainer.model, f"{output_dir}/adapter/adapter_model.safetensors")
+    torch.save(adapter_weights(trainer.model), f"{output_dir}/resumed-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_an_adapter_sharded_between_two_processes_is_restored(tiny_model_dir, preference_dataset, tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(resume_on_two_processes, nprocs=2,
+                                args=(port, tiny_model_dir, str(tmp_path), preference_dataset.to_dict()))
+    saved = adapter_weights(AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter"))
+    assert len(saved) == 8  # q and v, A and B, 2 layers
+    for rank in (0, 1):
+        resumed = torch.load(tmp_path / f"resumed-{rank}.pt")
+        assert resumed.keys() == saved.keys()
+        for name, weight in resumed.items():
+            torch.testing.assert_close(weight, saved[name], rtol=0, atol=0)
+
+
+def test_an_adapter_file_without_weights_is_refused(tmp_path):
+    empty = tmp_path / "adapter_model.safetensors"
+    safetensors.torch.save_file({}, empty)
+    with pytest.raises(RuntimeError, match=r"PEFT wrote .*adapter_model.safetensors without any weight"):
+        check_adapter_has_weights(str(empty))

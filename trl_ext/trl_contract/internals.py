@@ -86,8 +86,11 @@ PRIVATE_METHODS = (
     # trl_ext.DPOTrainer saves and restores its stateful losses' state next to the optimizer's in each checkpoint
     PrivateMethod(transformers.Trainer, "_save_optimizer_and_scheduler", ("self", "output_dir")),
     PrivateMethod(transformers.Trainer, "_load_optimizer_and_scheduler", ("self", "checkpoint")),
-    # Both trainers restore an FSDP1-wrapped PEFT model's adapter after transformers loads a checkpoint
+    # Both trainers restore an FSDP1-wrapped PEFT model's adapter after transformers loads a checkpoint...
     PrivateMethod(transformers.Trainer, "_load_from_checkpoint", ("self", "resume_from_checkpoint", "model")),
+    # ...and have PEFT pick the adapter out of the state dict `save_model` gathers, which `_save` hands to the
+    # unwrapped model's `save_pretrained`, by the names of the unwrapped model
+    PrivateMethod(transformers.Trainer, "_save", ("self", "output_dir", "state_dict")),
 )
 # Both trainers cite the papers of the losses they trained through `_paper`, the dictionary TRL's
 # `create_model_card` reads (keys `title`, `id`, `citation`) and each TRL trainer class sets.
