@@ -137,11 +137,13 @@ def test_a_shared_step_equals_the_unshared_one(tiny_model_dir, preference_datase
     assert_same_step(*sharing_pair(tiny_model_dir, preference_dataset, tmp_path, {"peft_config": LORA}, **fields))
 
 
-@pytest.mark.parametrize("setup", ["ref_model", "gradient_checkpointing", "full_fine_tuning"])
+@pytest.mark.parametrize("setup", ["ref_model", "eager_ref_model", "gradient_checkpointing", "full_fine_tuning"])
 def test_a_shared_step_equals_the_unshared_one_in_other_setups(tiny_model_dir, preference_dataset, tmp_path, setup):
+    """`eager_ref_model`: the reference takes its mask in the form of its own attention, not the SDPA policy's."""
     trainer_kwargs, fields = {}, {"loss_type": ["dpop"]}
-    if setup == "ref_model":
-        trainer_kwargs["ref_model"] = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    if setup.endswith("ref_model"):
+        trainer_kwargs["ref_model"] = AutoModelForCausalLM.from_pretrained(
+            tiny_model_dir, attn_implementation="eager" if setup.startswith("eager") else "sdpa")
     if setup == "gradient_checkpointing":
         trainer_kwargs["peft_config"] = LORA
         fields["gradient_checkpointing"] = True
@@ -217,8 +219,13 @@ def test_the_backbone_runs_each_prompt_once(tiny_model_dir, tmp_path):
 def test_what_shared_rows_cannot_reproduce_is_refused(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     prefix_sharing.check_prefix_sharing_can_run(model, max_length=None, aux_loss_enabled=False)  # SDPA: runs
-    with pytest.raises(ValueError, match=r"MoE load-balancing loss .*: or set `prefix_sharing=False`"):
+    with pytest.raises(ValueError, match=r"MoE load-balancing loss .* `output_router_logits=False`, or set "
+                                         r"`prefix_sharing=False`"):
         prefix_sharing.check_prefix_sharing_can_run(model, max_length=None, aux_loss_enabled=True)
+    model.config.output_router_logits = True  # the model computes the loss even where TRL does not add it
+    with pytest.raises(ValueError, match=r"MoE load-balancing loss"):
+        prefix_sharing.check_prefix_sharing_can_run(model, max_length=None, aux_loss_enabled=False)
+    del model.config.output_router_logits
     model.config.sliding_window = 16
     with pytest.raises(ValueError, match=r"sliding window of 16 tokens: set `max_length` <= 16"):
         prefix_sharing.check_prefix_sharing_can_run(model, max_length=32, aux_loss_enabled=False)

@@ -22,10 +22,11 @@ from datasets import Dataset
 from peft import AutoPeftModelForCausalLM
 from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType, fully_shard
+from transformers import AutoModelForCausalLM
 
 from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl_ext.trainers.saving import check_adapter_has_weights, load_adapter_into_fsdp1
-from trl_ext.trl_contract import record_fused_outputs
+from trl_ext.trl_contract import add_fused_lm_head, record_fused_outputs
 
 from .conftest import LORA, make_config
 
@@ -109,6 +110,31 @@ def test_losses_under_fsdp_equal_the_unwrapped_ones(gloo_group, tiny_model_dir, 
     assert penalty in wrapped[1]
     if loss == "kl_sft":
         assert wrapped[1]["kl/penalty"] > 0  # the reference (adapter disabled) differs from the policy
+
+
+@pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])
+def test_prefix_sharing_under_fsdp_equals_the_unwrapped_step(gloo_group, tiny_model_dir, preference_dataset, tmp_path,
+                                                            kind):
+    """Full fine-tuning with a separate reference, which TRL wraps under FSDP before trl_ext first checks it: no probe
+    runs through the bare module (only the wrapper may run it), and the shared step's loss and metrics equal those of
+    the unwrapped models."""
+    trainer = DPOTrainer(model=tiny_model_dir, ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                         args=cpu_config(DPOConfig, tmp_path, loss_type="dpop", prefix_sharing=True),
+                         train_dataset=preference_dataset)
+    trainer.model.train()
+    with torch.no_grad():  # the policy moves away from the reference
+        for parameter in trainer.model.parameters():
+            parameter.add_(0.01)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    unwrapped = losses_and_metrics(trainer, trainer.model, batch)
+
+    run_under_fsdp(trainer, kind, "FULL_STATE_DICT")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    add_fused_lm_head(reference)
+    trainer.ref_model = wrap(kind, reference)  # as TRL's `__init__` does
+    wrapped = losses_and_metrics(trainer, trainer.model, batch)
+    assert wrapped[0] == pytest.approx(unwrapped[0], rel=1e-5)
+    assert wrapped[1] == pytest.approx(unwrapped[1], rel=1e-4, abs=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["fsdp1", "fsdp2"])

@@ -3,6 +3,7 @@
 import contextlib
 import inspect
 import os
+import weakref
 from dataclasses import replace
 
 import torch
@@ -90,20 +91,20 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
 
     # Stepwise DPO's stage references (`sdpo_stages > 1`)
     stepwise_reference = None
-    # The backbone hooks of `prefix_sharing`, built on first use
-    prefix_sharing = None
-
     def sharing_prefixes(self):
-        """A context in which the policy's and the reference's forwards run on shared rows, with `prefix_sharing`."""
+        """A context in which the policy's and the reference's forwards run on shared rows, with `prefix_sharing`.
+        Built for the models of the moment: TRL drops its reference after precomputing its log-probs."""
         if not getattr(self.args, "prefix_sharing", False):  # a `trl.DPOConfig` has no such field
             return contextlib.nullcontext()
-        if self.prefix_sharing is None:
-            models = [self.accelerator.unwrap_model(model) for model in (self.model, self.ref_model)
-                      if model is not None]
-            for model in models:
-                check_prefix_sharing_can_run(model, self.args.max_length, self.aux_loss_enabled)
-            self.prefix_sharing = PrefixSharing(models)
-        return self.prefix_sharing.active()
+        models = [self.accelerator.unwrap_model(model) for model in (self.model, self.ref_model) if model is not None]
+        # Each model is checked once (TRL's precompute may come first, inside `__init__`)
+        checked = vars(self).setdefault("prefix_sharing_checked", weakref.WeakSet())
+        for model in models:
+            if model not in checked:
+                check_prefix_sharing_can_run(model, self.args.max_length, self.aux_loss_enabled,
+                                             sharded=self.is_fsdp_enabled)
+                checked.add(model)
+        return PrefixSharing(models).active()
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         check_dataset_rows(dataset, dataset_name)  # also reached by `evaluate(dataset)`

@@ -125,14 +125,14 @@ class PrefixSharing:
     """Runs the backbones of `models` on shared rows while `active()` is open, handing back TRL's rows."""
 
     def __init__(self, models: list[torch.nn.Module]):
-        self.backbones = list({id(backbone): backbone for backbone in map(lm_backbone, models)}.values())
-        self.implementation = attention_implementation(models[0])
+        # Each backbone takes the mask in the form of its own attention (a reference may run another than the policy)
+        self.implementations = {lm_backbone(model): attention_implementation(model) for model in models}
         self.pending: list[SharedRows] = []
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         # First among the backbone's hooks, so that every other one sees TRL's rows (and their outputs)
-        handles = [hook for backbone in self.backbones for hook in (
+        handles = [hook for backbone in self.implementations for hook in (
             backbone.register_forward_pre_hook(self._share, with_kwargs=True, prepend=True),
             backbone.register_forward_hook(self._unshare, prepend=True),
         )]
@@ -153,7 +153,10 @@ class PrefixSharing:
             )
         rows = share_prefixes(input_ids, attention_mask)
         self.pending.append(rows)
-        mask = attention_mask_for(rows, self.implementation, module.dtype)
+        # The embeddings' dtype is the one the layers compute in (FSDP1's flat parameters leave the backbone no
+        # parameter of its own to read `module.dtype` from)
+        dtype = module.get_input_embeddings().weight.dtype
+        mask = attention_mask_for(rows, self.implementations[module], dtype)
         return args, {**kwargs, "input_ids": rows.input_ids, "attention_mask": mask, "position_ids": rows.position_ids}
 
     def _unshare(self, module, args, output):
@@ -161,12 +164,14 @@ class PrefixSharing:
         return output
 
 
-def check_prefix_sharing_can_run(model: torch.nn.Module, max_length: int | None, aux_loss_enabled: bool) -> None:
+def check_prefix_sharing_can_run(model: torch.nn.Module, max_length: int | None, aux_loss_enabled: bool,
+                                 sharded: bool = False) -> None:
     """Refuses, before training, what shared rows cannot reproduce exactly: attention that takes no custom mask,
     prompt-learning PEFT (its virtual tokens come first in every row), a sliding window the rows may exceed, MoE
-    load-balancing losses (their token counts would change), vision-language models (their image tokens), and a model
-    whose forward ignores the mask or the position ids (a probe on a short synthetic pair, when the weights are here).
-    """
+    router logits (the load-balancing loss would count the shared rows' tokens against TRL's mask), vision-language
+    models (their image tokens), and a model whose forward ignores the mask or the position ids (a probe on a short
+    synthetic pair, when the weights are here: not under FSDP (`sharded`), where only the wrapper may run the model,
+    nor with ZeRO-3's partitioned parameters)."""
     fix = "or set `prefix_sharing=False`."
     implementation = attention_implementation(model)
     if implementation not in SUPPORTED_ATTENTION:
@@ -186,10 +191,12 @@ def check_prefix_sharing_can_run(model: torch.nn.Module, max_length: int | None,
     if window is not None and getattr(text_config, "use_sliding_window", True) and (max_length or window + 1) > window:
         raise ValueError(f"`prefix_sharing=True` builds one attention mask for all layers, without this model's "
                          f"sliding window of {window} tokens: set `max_length` <= {window}, {fix}")
-    if aux_loss_enabled:
-        raise ValueError(f"`prefix_sharing=True` would change the token counts of the MoE load-balancing loss "
-                         f"(`router_aux_loss_coef`): {fix}")
-    if not any(parameter.device.type == "meta" or parameter.numel() == 0 for parameter in model.parameters()):
+    if aux_loss_enabled or getattr(text_config, "output_router_logits", False):
+        raise ValueError(f"`prefix_sharing=True` would hand the MoE load-balancing loss the router logits of shared "
+                         f"rows, counted against TRL's: set `router_aux_loss_coef=0` and the model config's "
+                         f"`output_router_logits=False`, {fix}")
+    if not sharded and not any(parameter.device.type == "meta" or parameter.numel() == 0
+                               for parameter in model.parameters()):
         _probe(model, fix)
 
 
