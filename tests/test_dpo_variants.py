@@ -202,6 +202,21 @@ def test_tdpo_trains_from_zero_kl(tiny_model_dir, preference_dataset, tmp_path):
         assert logs[-1]["rewards/margins"] > 0
 
 
+def test_tdpo_evaluates_with_compute_metrics(tiny_model_dir, preference_dataset, tmp_path):
+    """`compute_metrics` makes TRL run one more forward per evaluation batch, for its logits: the KL is still read
+    from the loss's policy and reference forwards, so the evaluation logs the same numbers."""
+    results = []
+    for compute_metrics in (None, lambda predictions: {"rows": float(len(predictions.label_ids))}):
+        trainer = DPOTrainer(model=tiny_model_dir, args=make_config(DPOConfig, tmp_path, loss_type="tdpo2"),
+                             train_dataset=preference_dataset, eval_dataset=preference_dataset,
+                             compute_metrics=compute_metrics)
+        results.append(trainer.evaluate())
+    plain, with_metrics = results
+    assert with_metrics["eval_rows"] == 2 * len(preference_dataset)  # a chosen and a rejected row per pair
+    for key in ("eval_loss", "eval_tdpo2/kl_rejected", "eval_rewards/margins"):
+        assert with_metrics[key] == pytest.approx(plain[key], abs=1e-6)
+
+
 @pytest.mark.parametrize("peft", [False, True], ids=["full_fine_tuning", "peft"])
 def test_sdpo_policy_becomes_the_reference_at_each_stage(tiny_model_dir, preference_dataset, tmp_path, peft):
     trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path,

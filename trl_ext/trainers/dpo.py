@@ -156,6 +156,8 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
         self._check_forwards(inputs, fused_outputs, policy_has_grad)
         batch = self._preference_logps(inputs, fused_outputs)
         if self.vocabulary_kl_losses:
+            if return_outputs:  # TRL's extra plain forward for `compute_metrics`' logits, after its loss's forwards
+                hidden_states = hidden_states[:-1]
             chosen_token_kl, rejected_token_kl = vocabulary_kl.token_kls(self, inputs, hidden_states)
             batch = replace(batch, chosen_token_kl=chosen_token_kl, rejected_token_kl=rejected_token_kl)
         metrics = {}
