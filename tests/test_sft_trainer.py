@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from trl_ext import SFTConfig, SFTTrainer
+from trl_ext.trainers.reference import reference_token_logps
 
 from .conftest import LORA, make_config, step_logs, train
 
@@ -281,3 +282,22 @@ def test_kl_sft_reference_is_the_adapter_the_model_arrives_with(tiny_model_dir, 
     assert logs[-1]["logps/ref"] == pytest.approx(logs[0]["logps/ref"], rel=0.02)  # the copy stays frozen
     reference_parameters = [p for name, p in trainer.model.named_parameters() if ".ref." in name]
     assert reference_parameters and not any(p.requires_grad for p in reference_parameters)
+
+
+@pytest.mark.parametrize("reference", ["peft_adapter_disabled", "starting_adapter"])
+def test_kl_sft_reference_through_the_policy_runs_without_dropout(tiny_model_dir, preference_dataset, tmp_path,
+                                                                  reference):
+    """The policy serving as the reference (its adapter disabled, or the adapter it arrived with) runs that pass
+    without the base model's or the adapters' dropout, as a separate reference does, and goes on training after."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.3)
+    lora = dataclasses.replace(LORA, lora_dropout=0.5)
+    trainer_kwargs = {"peft_config": lora}
+    if reference == "starting_adapter":
+        model, trainer_kwargs = get_peft_model(model, lora), {}
+    trainer = SFTTrainer(model=model, args=make_config(SFTConfig, tmp_path, loss_type="kl_sft"),
+                         train_dataset=preference_dataset, **trainer_kwargs)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    trainer.model.train()
+    first, second = (reference_token_logps(trainer, batch) for _ in range(2))
+    assert trainer.model.training and first.abs().sum() > 0
+    torch.testing.assert_close(first, second, rtol=0, atol=0)

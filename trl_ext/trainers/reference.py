@@ -8,6 +8,9 @@ The reference is the model as training starts:
 - otherwise a frozen copy of the initial model, or none at all when its log-probs are precomputed.
 """
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from accelerate.utils import is_peft_model, tqdm
 from datasets import Dataset
@@ -57,15 +60,29 @@ def reference_token_logps(trainer, inputs) -> torch.Tensor:
             "when creating the trainer, or pass a `ref_model`."
         )
     model_inputs = {**inputs, "use_cache": False, "fused_lm_head": True}
-    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs):
-        if trainer.ref_model is not None:
+    if trainer.ref_model is not None:
+        with torch.no_grad():
             return trainer.ref_model(**model_inputs).log_probs
+    # The policy serves as the reference: without dropout (the base model's and the adapters'), as a separate
+    # reference runs, then back in the mode it trains in
+    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), \
+            in_eval_mode(trainer.model):
         if policy_is_reference:  # before the first step, the untrained policy is the reference
             return trainer.model(**model_inputs).log_probs
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         adapter = REFERENCE_ADAPTER if REFERENCE_ADAPTER in unwrapped.peft_config else None  # None: disabled
         with use_adapter(unwrapped, adapter_name=adapter):
             return trainer.model(**model_inputs).log_probs
+
+
+@contextlib.contextmanager
+def in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
 
 
 def precompute_reference_logps(trainer) -> tuple[Dataset, Dataset | dict | None, "PadReferenceLogps"]:
