@@ -301,3 +301,17 @@ def test_kl_sft_reference_through_the_policy_runs_without_dropout(tiny_model_dir
     first, second = (reference_token_logps(trainer, batch) for _ in range(2))
     assert trainer.model.training and first.abs().sum() > 0
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_type", ["kl_sft", "ift"])
+def test_a_packed_batch_without_a_target_token_adds_nothing(tiny_model_dir, preference_dataset, tmp_path, loss_type):
+    """A padding-free micro-batch whose one sequence has no target (packing truncates a row down to its prompt):
+    TRL's NLL is 0, and so is the registered loss's term, not NaN."""
+    trainer = SFTTrainer(model=tiny_model_dir, args=make_config(SFTConfig, tmp_path, loss_type=loss_type),
+                         train_dataset=preference_dataset)
+    example = {key: trainer.train_dataset[0][key] for key in ("input_ids", "labels")}
+    example["labels"] = [-100] * len(example["labels"])
+    batch = dataclasses.replace(trainer.data_collator, padding_free=True)([example])
+    trainer.current_gradient_accumulation_steps = 1  # as `train()` sets it
+    loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch), num_items_in_batch=torch.tensor(0))
+    assert loss.item() == 0.0

@@ -177,7 +177,8 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
         processes hold different numbers of sequences (packed rows)."""
         processes = self.accelerator.num_processes
         if not self.args.average_tokens_across_devices or processes == 1:
-            return per_sequence.mean()
+            # 0 for a batch without a target token (a packed row whose prompt fills it), as TRL's NLL gives
+            return per_sequence.sum() / max(per_sequence.numel(), 1)
         count = torch.tensor(per_sequence.numel(), device=per_sequence.device)
         return per_sequence.sum() * processes / self.accelerator.gather(count).sum().clamp(min=1)
 
