@@ -3,7 +3,7 @@
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from trl_ext.trainers import ift_inputs as ift
 
@@ -11,24 +11,35 @@ from .conftest import LORA
 
 
 def naive_predictions(model, input_ids, attention_mask, mix_mask, prediction):
-    """Position by position from the full `(B, T, vocab)` logits: what the chunked first pass must reproduce."""
+    """Position by position from the model's own full `(B, T, vocab)` logits and its embedding layer's output for
+    every token: what the chunked first pass must reproduce."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    embedding = model.get_input_embeddings().weight
-    predicted = torch.zeros(*input_ids.shape, embedding.size(1))
+    embedding = model.get_input_embeddings()
+    every_token = embedding(torch.arange(embedding.num_embeddings))
+    predicted = torch.zeros(*input_ids.shape, embedding.embedding_dim)
     nll = torch.zeros(input_ids.shape)
     for b, t in mix_mask.nonzero().tolist():
         probs = logits[b, t - 1].softmax(-1)  # position t is predicted from position t - 1
-        predicted[b, t] = embedding[probs.argmax()] if prediction == "greedy" else probs @ embedding
+        predicted[b, t] = every_token[probs.argmax()] if prediction == "greedy" else probs @ every_token
         nll[b, t] = -probs[input_ids[b, t]].log()
     return predicted, nll
 
 
-@pytest.mark.parametrize("peft", [False, True], ids=["full", "peft"])
+def tiny_gemma2():
+    """Scaled input embeddings (by the square root of the hidden size) and soft-capped logits."""
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0)
+    return Gemma2ForCausalLM(config)
+
+
+@pytest.mark.parametrize("model_kind", ["llama", "llama_peft", "gemma2"])
 @pytest.mark.parametrize("prediction", ["greedy", "soft"])
-def test_first_pass_matches_full_logits_position_by_position(tiny_model_dir, monkeypatch, prediction, peft):
+def test_first_pass_matches_full_logits_position_by_position(tiny_model_dir, monkeypatch, prediction, model_kind):
     monkeypatch.setattr(ift, "PREDICTION_CHUNK", 5)  # several chunks, the last one partial
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = (tiny_gemma2() if model_kind == "gemma2" else AutoModelForCausalLM.from_pretrained(tiny_model_dir)).eval()
+    peft = model_kind == "llama_peft"
     if peft:
         model = get_peft_model(model, LORA)
         with torch.no_grad():

@@ -315,3 +315,17 @@ def test_a_packed_batch_without_a_target_token_adds_nothing(tiny_model_dir, pref
     trainer.current_gradient_accumulation_steps = 1  # as `train()` sets it
     loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch), num_items_in_batch=torch.tensor(0))
     assert loss.item() == 0.0
+
+
+def test_soft_ift_with_an_adapter_on_the_embeddings_is_refused(tiny_model_dir, preference_dataset, tmp_path):
+    """The adapted embedding layer's output is not the weight's rows that soft prediction weights; greedy prediction
+    runs the layer itself."""
+    lora = dataclasses.replace(LORA, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    with pytest.raises(ValueError, match=r"`ift_prediction='soft'` weights the rows of the embedding matrix, but this "
+                                         r"model's embedding layer is `peft.tuners.lora.layer.Embedding` .* use "
+                                         r"`ift_prediction='greedy'`"):
+        SFTTrainer(model=tiny_model_dir, args=make_config(SFTConfig, tmp_path, loss_type="ift", ift_prediction="soft"),
+                   train_dataset=preference_dataset, peft_config=lora)
+    trainer = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path / "greedy",
+                    {"peft_config": lora}, loss_type="ift", ift_prediction="greedy", max_steps=1)
+    assert step_logs(trainer)[0]["loss"] > 0

@@ -24,11 +24,22 @@ SHARDED_PARAMETERS_MESSAGE = (
 )
 
 
-def check_parameters_are_whole(trainer, loss_type: str) -> None:
-    """Refuses, before training, the distributed setups whose sharded parameters an extra pass cannot read."""
+def check_first_pass_can_run(trainer, loss_type: str) -> None:
+    """Refuses, before training, the distributed setups whose sharded parameters an extra pass cannot read, and
+    `ift_prediction="soft"` with an embedding layer whose output is not its weight's rows."""
     deepspeed_plugin = trainer.accelerator.state.deepspeed_plugin
     if trainer.is_fsdp_enabled or (deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3):
         raise ValueError(SHARDED_PARAMETERS_MESSAGE.format(loss_type))
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    embedding = unwrapped.get_input_embeddings()
+    if trainer.args.ift_prediction == "soft" and soft_embedding_matrix(unwrapped) is None:
+        raise ValueError(
+            f"`ift_prediction='soft'` weights the rows of the embedding matrix, but this model's embedding layer is "
+            f"`{type(embedding).__module__}.{type(embedding).__qualname__}` (an adapter or trainable tokens on the "
+            "embeddings?), "
+            "whose output is not those rows: use `ift_prediction='greedy'`, or leave the embeddings out of the "
+            "adapter's `target_modules`."
+        )
 
 
 def current_ift_lambda(args, global_step: int) -> float:
@@ -36,6 +47,33 @@ def current_ift_lambda(args, global_step: int) -> float:
     if args.ift_lambda_schedule == "constant" or global_step >= args.ift_lambda_warmup_steps:
         return args.ift_lambda
     return args.ift_lambda_min + (args.ift_lambda - args.ift_lambda_min) * global_step / args.ift_lambda_warmup_steps
+
+
+def next_token_logits(causal_lm, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits the model's own forward computes from its last hidden states `(N, H)`: the LM head, then the scale
+    and the soft cap its config declares (as TRL's fused head reads them: `logit_scale`, `output_multiplier`,
+    `lm_head_multiplier` or `logits_scaling`; `final_logit_softcapping`, e.g. Gemma 2 and 3)."""
+    config = causal_lm.config.get_text_config()
+    logits = causal_lm.get_output_embeddings()(hidden)
+    scale = next((getattr(config, name) for name in ("logit_scale", "output_multiplier", "lm_head_multiplier")
+                  if getattr(config, name, None) is not None), None)
+    if scale is None and getattr(config, "logits_scaling", None) is not None:
+        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
+    if scale is not None:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
+def soft_embedding_matrix(unwrapped) -> torch.Tensor | None:
+    """`(vocab, H)` the input embedding of each token, for a probability-weighted embedding (`probs @ matrix`): the
+    embedding layer's weight times its scale (Gemma's scaled embeddings); `None` for a layer whose output is not
+    its weight's rows (a PEFT adapter or trainable tokens on the embeddings)."""
+    embedding = unwrapped.get_input_embeddings()
+    if not isinstance(embedding, torch.nn.Embedding):
+        return None
+    scale = getattr(embedding, "embed_scale", None)
+    return embedding.weight if scale is None else embedding.weight * scale.to(embedding.weight.dtype)
 
 
 def predict_next_embeddings(
@@ -47,7 +85,8 @@ def predict_next_embeddings(
         unwrapped: the causal LM (or the PEFT model around it), outside any distributed wrapper.
         inputs: the batch (`input_ids` `(B, T)`, and `attention_mask` or padding-free `position_ids`).
         mix_mask: `(B, T)` bool, True at the positions whose input is mixed; each is predicted from the position before.
-        prediction: `"greedy"` (the argmax token's embedding) or `"soft"` (the probability-weighted embedding).
+        prediction: `"greedy"` (the argmax token's embedding, from the embedding layer) or `"soft"` (the
+            probability-weighted embedding, see [`soft_embedding_matrix`]).
 
     Returns:
         The predicted embedding at each masked position `(B, T, H)` and the teacher-forced NLL of its token `(B, T)`,
@@ -57,23 +96,23 @@ def predict_next_embeddings(
     causal_lm = unwrapped.get_base_model() if is_peft_model(unwrapped) else unwrapped
     backbone_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
     hidden = causal_lm.base_model(**backbone_inputs, use_cache=False).last_hidden_state
-    lm_head = causal_lm.get_output_embeddings()
-    embedding_matrix = unwrapped.get_input_embeddings().weight
+    embedding = unwrapped.get_input_embeddings()
+    soft_matrix = soft_embedding_matrix(unwrapped) if prediction == "soft" else None
     source_hidden = hidden[:, :-1][mix_mask[:, 1:]]  # the position before each masked one
     targets = inputs["input_ids"][mix_mask]
     predicted, nll = [], []
     for start in range(0, source_hidden.size(0), PREDICTION_CHUNK):
-        logits = lm_head(source_hidden[start : start + PREDICTION_CHUNK])
+        logits = next_token_logits(causal_lm, source_hidden[start : start + PREDICTION_CHUNK])
         log_probs = logits.float().log_softmax(dim=-1)
         nll.append(-log_probs.gather(1, targets[start : start + PREDICTION_CHUNK].unsqueeze(1)).squeeze(1))
         if prediction == "greedy":
-            predicted.append(embedding_matrix[logits.argmax(dim=-1)])
+            predicted.append(embedding(logits.argmax(dim=-1)))
         else:
-            predicted.append(log_probs.exp().to(embedding_matrix.dtype) @ embedding_matrix)
-    predicted_embeds = hidden.new_zeros(*mix_mask.shape, embedding_matrix.size(1), dtype=embedding_matrix.dtype)
+            predicted.append(log_probs.exp().to(soft_matrix.dtype) @ soft_matrix)
+    predicted_embeds = hidden.new_zeros(*mix_mask.shape, embedding.weight.size(1), dtype=embedding.weight.dtype)
     token_nll = hidden.new_zeros(mix_mask.shape, dtype=torch.float32)
     if predicted:
-        predicted_embeds[mix_mask] = torch.cat(predicted)
+        predicted_embeds[mix_mask] = torch.cat(predicted).to(predicted_embeds.dtype)
         token_nll[mix_mask] = torch.cat(nll)
     return predicted_embeds, token_nll
 

@@ -23,7 +23,7 @@ from ..trl_contract import (
     record_fused_outputs,
     trl_sft_loss_type_while_constructing,
 )
-from .ift_inputs import check_parameters_are_whole, ift_inputs
+from .ift_inputs import check_first_pass_can_run, ift_inputs
 from .metrics import log_means
 from .model_args import resolve_model_and_args
 from .model_card import CitesItsLosses
@@ -82,7 +82,7 @@ class SFTTrainer(SavesLoadableModels, CitesItsLosses, trl.SFTTrainer):
             super().__init__(model, args, data_collator, train_dataset, eval_dataset, *trainer_args, **trainer_kwargs)
         keep_4bit_layers_differentiable(self.model)
         if registered is not None and registered.ift_inputs:
-            check_parameters_are_whole(self, args.loss_type)
+            check_first_pass_can_run(self, args.loss_type)
         self.ref_model = build_reference(self, ref_model) if uses_reference else None
         if args.precompute_ref_log_probs:  # every batch then carries the reference's log-probs: no reference model
             self.train_dataset, self.eval_dataset, self.data_collator = precompute_reference_logps(self)
