@@ -80,6 +80,18 @@ def test_npo_trains_without_chosen_and_ignores_it(tiny_model_dir, preference_dat
     assert step_logs(trainer)[0]["loss"] == pytest.approx(2 / 0.1 * math.log(2), abs=1e-4)
 
 
+def test_evaluation_drops_the_chosen_metrics_of_a_dataset_without_chosen_only(tiny_model_dir, preference_dataset,
+                                                                               tmp_path):
+    """A dataset passed to `evaluate` gets its placeholder there, and only its evaluation drops the chosen metrics."""
+    trainer = DPOTrainer(model=tiny_model_dir, args=make_config(DPOConfig, tmp_path, loss_type="npo"),
+                         train_dataset=preference_dataset)
+    without = trainer.evaluate(preference_dataset.remove_columns("chosen"))
+    assert not {f"eval_{name}" for name in TRL_DPO_CHOSEN_METRICS} & set(without)
+    full = trainer.evaluate(preference_dataset)
+    assert {"eval_rewards/chosen", "eval_logps/chosen", "eval_rewards/margins"} <= set(full)
+    assert without["eval_rewards/rejected"] == pytest.approx(full["eval_rewards/rejected"])
+
+
 def test_dataset_without_chosen_is_refused_for_losses_that_read_it(tiny_model_dir, preference_dataset, tmp_path):
     without = preference_dataset.remove_columns("chosen")
     for config_cls, loss_type in ((DPOConfig, ["npo", "sigmoid"]), (DPOConfig, "rdpo"), (trl.DPOConfig, "sigmoid")):

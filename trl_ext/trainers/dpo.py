@@ -8,12 +8,11 @@ from dataclasses import replace
 
 import torch
 import trl
-from datasets import Dataset, IterableDataset
 
 from .. import citations
 from ..data import warn_if_words_glue
 from ..data_checks import check_completions_left, check_dataset_rows, check_datasets_rows
-from ..losses import LossContext, PreferenceLogps, compute_dpo_loss, registered_dpo_loss, registered_dpo_losses
+from ..losses import LossContext, PreferenceLogps, compute_dpo_loss, registered_dpo_loss
 from ..trl_contract import (
     TRL_DPO_CHOSEN_METRICS,
     TRL_DPO_LOSS_TYPES,
@@ -32,6 +31,7 @@ from .metrics import log_means
 from .model_args import resolve_model_and_args
 from .model_card import CitesItsLosses
 from .prefix_sharing import PrefixSharing, check_prefix_sharing_can_run
+from .rejected_only import dataset_key, lacks_chosen, named_datasets, placeholder_chosen
 from .saving import SavesLoadableModels
 
 
@@ -106,17 +106,36 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
                 checked.add(model)
         return PrefixSharing(models).active()
 
+    # The prepared datasets whose chosen completions are placeholders, by `dataset_key`
+    placeholder_chosen_datasets = frozenset()
+
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         check_dataset_rows(dataset, dataset_name)  # also reached by `evaluate(dataset)`
         without_chosen = lacks_chosen(dataset, dataset_name, args)
         if without_chosen:
-            dataset = dataset.map(_placeholder_chosen)
+            dataset = dataset.map(placeholder_chosen)
         warn_if_words_glue(dataset, dataset_name)
         prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if without_chosen:
+            self.placeholder_chosen_datasets |= {dataset_key(prepared)}
         completions = ("rejected",) if without_chosen else ("chosen", "rejected")
         tokenizer = getattr(processing_class, "tokenizer", processing_class)  # a processor holds its tokenizer
         check_completions_left(dataset, prepared, dataset_name, completions, args.max_length, tokenizer.eos_token)
         return prepared
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        # The chosen metrics are dropped for a dataset whose chosen completions are placeholders, and only for it
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        previous = self.chosen_is_placeholder["eval"]
+        if not isinstance(dataset, dict):  # a dict is evaluated one dataset at a time, through this method again
+            self.chosen_is_placeholder["eval"] = (dataset_key(dataset) in self.placeholder_chosen_datasets
+                                                  or lacks_chosen(dataset, metric_key_prefix, self.args))
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self.chosen_is_placeholder["eval"] = previous
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL precomputes inside its constructor: the first forward without gradient in eval mode, after which
@@ -235,43 +254,3 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
         papers = [citations.DPO if name in TRL_DPO_LOSS_TYPES else registered_dpo_loss(name).citation
                   for name in self.args.loss_type]
         return [paper for paper in papers if paper is not None]
-
-
-def named_datasets(datasets, default_name: str) -> list[tuple[str, object]]:
-    """`(name, dataset)` of a trainer argument that is a dataset, a dict of them, or None."""
-    if datasets is None:
-        return []
-    return list(datasets.items()) if isinstance(datasets, dict) else [(default_name, datasets)]
-
-
-def lacks_chosen(dataset, dataset_name: str, args) -> bool:
-    """Fails before training if `dataset` lacks the columns the losses read; True if it has `prompt` and `rejected`
-    but no `chosen`, which only losses registered with `rejected_only=True` accept (the chosen one is a placeholder)."""
-    if not isinstance(dataset, Dataset | IterableDataset) or dataset.column_names is None:
-        return False  # streaming datasets with unknown columns are checked by TRL when the first batch is built
-    columns = set(dataset.column_names)
-    if {"chosen", "rejected"} <= columns or {"chosen_ids", "rejected_ids"} <= columns:
-        return False
-    if {"prompt", "rejected"} <= columns:
-        loss_types = [args.loss_type] if isinstance(args.loss_type, str) else list(args.loss_type)
-        reading_chosen = [name for name in loss_types
-                          if name not in registered_dpo_losses() or not registered_dpo_loss(name).rejected_only]
-        if not reading_chosen:
-            return True
-        rejected_only = [name for name in registered_dpo_losses() if registered_dpo_loss(name).rejected_only]
-        raise ValueError(
-            f"The {dataset_name} dataset has no `chosen` column, which `loss_type` {reading_chosen} reads. Add "
-            f"`chosen` completions, or train only losses that read the rejected completion alone ({rejected_only})."
-        )
-    raise ValueError(
-        f"The {dataset_name} dataset needs `chosen` and `rejected` columns (and optionally `prompt`), TRL's "
-        f"preference format; it has {sorted(columns)}. Rename or map your columns, e.g. "
-        "`dataset.rename_columns({'response_j': 'chosen', 'response_k': 'rejected'})`."
-    )
-
-
-def _placeholder_chosen(example: dict) -> dict:
-    """An empty chosen completion, in the rejected one's format: TRL tokenizes it to the EOS token (or the chat
-    template's empty assistant turn)."""
-    conversational = isinstance(example["rejected"], list)
-    return {"chosen": [{"role": "assistant", "content": ""}] if conversational else ""}
