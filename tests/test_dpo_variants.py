@@ -229,6 +229,20 @@ def test_tdpo_evaluates_with_compute_metrics(tiny_model_dir, preference_dataset,
         assert with_metrics[key] == pytest.approx(plain[key], abs=1e-6)
 
 
+def test_sdpo_refuses_more_stages_than_steps(tiny_model_dir, preference_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"`sdpo_stages=4` \(stepwise DPO\) needs at least one optimizer step per "
+                                         r"stage, and `max_steps` is 3"):
+        make_config(DPOConfig, tmp_path, sdpo_stages=4, max_steps=3)
+    # 12 pairs, 4 per step: 3 steps in the epoch, known when training starts
+    trainer = DPOTrainer(model=tiny_model_dir, train_dataset=preference_dataset.select(range(12)),
+                         args=make_config(DPOConfig, tmp_path, sdpo_stages=4, max_steps=-1, num_train_epochs=1))
+    with pytest.raises(ValueError, match=r"`sdpo_stages=4` \(stepwise DPO\) needs at least one optimizer step per "
+                                         r"stage, and this run has 3: set `sdpo_stages` to at most 3"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert stepwise_dpo.stage_boundaries(3, 3) == [1, 2] and stepwise_dpo.stage_boundaries(5, 4) == [1, 2, 4]
+
+
 @pytest.mark.parametrize("peft", [False, True], ids=["full_fine_tuning", "peft"])
 def test_sdpo_policy_becomes_the_reference_at_each_stage(tiny_model_dir, preference_dataset, tmp_path, peft):
     trainer = train(DPOTrainer, DPOConfig, tiny_model_dir, preference_dataset, tmp_path,

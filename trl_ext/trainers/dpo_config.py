@@ -114,6 +114,9 @@ def validate_loss_config(args: trl.DPOConfig) -> None:
     stages = getattr(args, "sdpo_stages", 1)
     if not isinstance(stages, int) or stages < 1:
         raise ValueError(f"`sdpo_stages` must be an integer >= 1, got {stages!r}.")
+    if 0 < args.max_steps < stages:  # else checked when training starts, once the step count is known
+        raise ValueError(f"`sdpo_stages={stages}` (stepwise DPO) needs at least one optimizer step per stage, and "
+                         f"`max_steps` is {args.max_steps}: set `sdpo_stages` to at most {args.max_steps}.")
     if stages > 1 and args.sync_ref_model:
         raise ValueError(
             f"`sdpo_stages={stages}` (stepwise DPO) makes the policy the reference at each stage boundary, while "

@@ -108,6 +108,11 @@ class StepwiseReference(TrainerCallback):
         self.reference_logps: dict[bytes, tuple[float, float]] | None = None  # by `pair_keys`
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if args.sdpo_stages > state.max_steps:  # the stages' boundaries would fall together, or after the last step
+            raise ValueError(
+                f"`sdpo_stages={args.sdpo_stages}` (stepwise DPO) needs at least one optimizer step per stage, and "
+                f"this run has {state.max_steps}: set `sdpo_stages` to at most {state.max_steps}, or train longer."
+            )
         # `global_step` is the checkpoint's when resuming. At a boundary, the policy it holds is that stage's reference.
         boundaries = stage_boundaries(state.max_steps, args.sdpo_stages)
         if state.global_step in boundaries:
