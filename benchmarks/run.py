@@ -284,9 +284,10 @@ def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_s
 
 def flop_formulas() -> dict:
     """Formulas for the products a training step runs that `torch.utils.flop_counter` leaves out or fails on:
-    - bitsandbytes' 4-bit products: `gemm_4bit` computes every forward of a 4-bit layer (policy, reference and
-      checkpointing's recompute) on any device, `gemv_4bit` the CPU's AVX512-BF16 kernel without gradient; their
-      kernels run below the counter. The backward's product is a dequantized `aten.mm`, counted by torch;
+    - bitsandbytes' 4-bit products: from 0.50 `gemm_4bit` computes every forward of a 4-bit layer (policy, reference
+      and checkpointing's recompute) on any device, and from 0.47 `gemv_4bit` the CPU's AVX512-BF16 kernel without
+      gradient; their kernels run below the counter. Earlier releases dequantize and multiply with aten's products,
+      which torch counts, as it counts the backward's dequantized `aten.mm`;
     - `aten.addmm`: TRL's chunked log-prob kernel accumulates the LM head's gradient products with
       `addmm(out_dtype=float32)` on CUDA in bf16/fp16 and with `addmm_` elsewhere;
     - the CPU's fused attention, forward and backward, by torch's formulas for the CUDA kernels (without them a CPU
@@ -294,10 +295,10 @@ def flop_formulas() -> dict:
     import bitsandbytes  # noqa: F401  (defines torch.ops.bitsandbytes)
     import torch
 
-    aten = torch.ops.aten
+    aten, four_bit = torch.ops.aten, torch.ops.bitsandbytes
     return {
-        torch.ops.bitsandbytes.gemm_4bit: four_bit_matmul_flops,
-        torch.ops.bitsandbytes.gemv_4bit: four_bit_matmul_flops,
+        **{getattr(four_bit, name): four_bit_matmul_flops for name in ("gemm_4bit", "gemv_4bit")
+           if hasattr(four_bit, name)},
         aten.addmm: addmm_flops,
         aten.addmm_: addmm_flops,
         aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
