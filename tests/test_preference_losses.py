@@ -2,6 +2,7 @@
 hand."""
 
 import math
+import socket
 from dataclasses import replace
 
 import pytest
@@ -80,9 +81,54 @@ def test_beta_dpo_filter_drops_the_outlier():
 def test_weighted_sigmoid_loss_mean_is_the_mean_over_kept_pairs():
     margin = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
-    losses = weighted_sigmoid_loss(margin, 0.5, mask)
+    losses = weighted_sigmoid_loss(margin, 0.5, mask, mask.mean())
     assert losses[1].item() == 0.0
     assert losses.mean().item() == pytest.approx((_softplus(-0.5) + _softplus(-1.5) + _softplus(-2.0)) / 3)
+
+
+BETA_DPO_PAIRS = ([3.0, 1.0, 0.5, 2.0], [1.0, -3.0, 0.0, 2.5])
+BETA_DPO_STATE = {"running_mean": 1.0, "running_std": 1.0}
+
+
+def beta_dpo_on_two_processes(rank: int, port: int, output_dir: str):
+    """One of two gloo processes holding 2 of the 4 pairs each: its beta-DPO losses and metrics, written out."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def gather(tensor):
+        parts = [torch.empty_like(tensor) for _ in range(2)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    chosen, rejected = (values[2 * rank:2 * rank + 2] for values in BETA_DPO_PAIRS)
+    state = {key: torch.tensor(value) for key, value in BETA_DPO_STATE.items()}
+    config = _config(output_dir, loss_type="beta_dpo", beta_dpo_filter_ratio=0.5)
+    context = LossContext(state, True, gather, process_index=rank)
+    output = compute_dpo_loss("beta_dpo", replace(_pairs(chosen, rejected), context=context), config)
+    torch.save({"losses": output.losses, **output.metrics}, f"{output_dir}/process-{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_beta_dpo_draws_over_every_process_alike(tmp_path):
+    """Two processes of 2 pairs each draw once over the 4 pairs, as one process holding the 4 does, each keeping its
+    own slice; their losses averaged (as DDP averages gradients) are the single process's mean over the kept pairs."""
+    state = {key: torch.tensor(value) for key, value in BETA_DPO_STATE.items()}
+    config = _config(tmp_path, loss_type="beta_dpo", beta_dpo_filter_ratio=0.5)
+    single = compute_dpo_loss("beta_dpo", replace(_pairs(*BETA_DPO_PAIRS), context=_context(state)), config)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(beta_dpo_on_two_processes, args=(port, str(tmp_path)), nprocs=2)
+    processes = [torch.load(tmp_path / f"process-{rank}.pt") for rank in range(2)]
+    assert single.metrics["kept"].sum().item() == 2
+    assert torch.cat([process["kept"] for process in processes]).tolist() == single.metrics["kept"].tolist()
+    assert torch.cat([process["beta"] for process in processes]).tolist() == pytest.approx(
+        single.metrics["beta"].tolist())
+    averaged = sum(process["losses"].mean() for process in processes) / 2
+    assert averaged.item() == pytest.approx(single.losses.mean().item())
+    kept = single.metrics["kept"].bool()
+    margins = torch.tensor(BETA_DPO_PAIRS[0]) - torch.tensor(BETA_DPO_PAIRS[1])
+    per_pair = -F.logsigmoid(single.metrics["beta"][0] * margins)
+    assert single.losses.mean().item() == pytest.approx(per_pair[kept].mean().item())
 
 
 def _pairs(chosen_logratios, rejected_logratios, chosen_lengths=None, rejected_lengths=None) -> PreferenceLogps:

@@ -53,10 +53,12 @@ def beta_dpo_beta(batch_margin_mean: torch.Tensor, running_mean: torch.Tensor, b
     return (beta0 * (1 + alpha * (batch_margin_mean - running_mean))).clamp(min=1e-3)
 
 
-def weighted_sigmoid_loss(margin: torch.Tensor, beta: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
-    """DPO's sigmoid loss at `beta`, zero off `mask` `(B,)` and scaled so that its mean over the batch is the mean
-    over the kept pairs (the authors' `sum(mask * loss) / sum(mask)`)."""
-    return -F.logsigmoid(beta * margin) * mask * mask.numel() / mask.sum().clamp(min=1)
+def weighted_sigmoid_loss(margin: torch.Tensor, beta: torch.Tensor | float, mask: torch.Tensor,
+                          kept_share: torch.Tensor | float) -> torch.Tensor:
+    """DPO's sigmoid loss at `beta`, zero off `mask` `(B,)` and divided by `kept_share`, the share of pairs kept over
+    every process: the mean over the batch, averaged over the processes as DDP averages their gradients, is then the
+    mean over the kept pairs (the authors' `sum(mask * loss) / sum(mask)`)."""
+    return -F.logsigmoid(beta * margin) * mask / kept_share
 
 
 def _check_beta_dpo(config) -> None:
@@ -74,26 +76,32 @@ def _check_beta_dpo(config) -> None:
 def beta_dpo(batch: PreferenceLogps, config) -> PreferenceLossOutput:
     """beta-DPO as in the authors' code: in training, the running mean and standard deviation of the margin (over
     every process's pairs; zero at the start) first take in this batch; then `beta_dpo_filter_ratio` of the pairs
-    are dropped, preferring outliers; the batch beta is `beta * (1 + beta_dpo_alpha * (mean kept margin - running
-    mean))`, without gradient. Evaluation uses the running statistics without updating them and keeps every pair, so
-    its loss is repeatable and draws nothing from the training's random stream (the authors' code updates the
-    statistics and filters on evaluation batches too)."""
+    of every process together are dropped, preferring outliers (one draw, the same on every process, seeded by the
+    count of draws kept in the state: a resumed run draws as the uninterrupted one); the batch beta is `beta * (1 +
+    beta_dpo_alpha * (mean kept margin - running mean))`, without gradient. Evaluation uses the running statistics
+    without updating them and keeps every pair, so its loss is repeatable (the authors' code updates the statistics
+    and filters on evaluation batches too)."""
     margin = batch.margins.detach()
     context = batch.context
     state = context.state
+    mask = torch.ones_like(margin)
     if context.training:
         gathered = context.gather(margin).float()
         std = gathered.std() if gathered.numel() > 1 else gathered.new_zeros(())
         momentum = config.beta_dpo_momentum
         state["running_mean"] = exponential_moving_average(state.get("running_mean", 0.0), gathered.mean(), momentum)
         state["running_std"] = exponential_moving_average(state.get("running_std", 0.0), std, momentum)
+        state["draws"] = state.get("draws", gathered.new_zeros((), dtype=torch.long)) + 1
+        generator = torch.Generator(device=gathered.device).manual_seed(int(state["draws"]))
+        kept = beta_dpo_filter_mask(gathered, state["running_mean"], state["running_std"],
+                                    config.beta_dpo_filter_ratio, generator)
+        mask = kept.view(-1, margin.numel())[context.process_index].to(margin.dtype)
     running_mean = state.get("running_mean", margin.new_zeros(()))
     running_std = state.get("running_std", margin.new_zeros(()))
-    filter_ratio = config.beta_dpo_filter_ratio if context.training else 0.0
-    mask = beta_dpo_filter_mask(margin, running_mean, running_std, filter_ratio)
-    kept_margin = context.gather(margin * mask).sum() / context.gather(mask).sum().clamp(min=1)
+    every_mask = context.gather(mask)
+    kept_margin = context.gather(margin * mask).sum() / every_mask.sum()  # at least one pair is kept
     beta = beta_dpo_beta(kept_margin, running_mean, config.beta, config.beta_dpo_alpha)
-    losses = weighted_sigmoid_loss(batch.margins, beta, mask)
+    losses = weighted_sigmoid_loss(batch.margins, beta, mask, every_mask.mean())
     per_pair = torch.ones_like(margin)
     metrics = {"beta": beta * per_pair, "kept": mask, "running_mean": running_mean * per_pair,
                "running_std": running_std * per_pair}

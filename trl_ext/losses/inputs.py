@@ -19,12 +19,14 @@ class LossContext:
 
     `state` is the loss's own dictionary of tensors: kept across steps, saved with every checkpoint and restored by
     `resume_from_checkpoint`. `training` is False in evaluation (leave the state alone there). `gather` concatenates a
-    tensor over the processes (`accelerator.gather`), so that every process updates the state alike.
+    tensor over the processes (`accelerator.gather`), so that every process updates the state alike;
+    `process_index` is this process's place in that concatenation (every process holds as many pairs).
     """
 
     state: dict[str, torch.Tensor]
     training: bool
     gather: Callable[[torch.Tensor], torch.Tensor]
+    process_index: int = 0
 
 
 @dataclass(frozen=True)

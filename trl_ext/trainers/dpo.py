@@ -183,7 +183,8 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
         for name, weight in self.extension_losses:
             loss_batch = batch
             if name in self.loss_states:
-                context = LossContext(self.loss_states[name], self.model.training, self.accelerator.gather)
+                context = LossContext(self.loss_states[name], self.model.training, self.accelerator.gather,
+                                      self.accelerator.process_index)
                 loss_batch = replace(batch, context=context)
             output = compute_dpo_loss(name, loss_batch, self.args)
             loss = loss + output.losses.mean() * weight
