@@ -11,6 +11,7 @@ from penn.config import PennArguments
 from penn.experiment import load_splits
 from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl_ext.data import glues_words, prepare_preference_pairs, space_completions
+from trl_ext.scripts.common import ScriptArguments, load_train_and_eval
 
 from .conftest import make_config
 
@@ -28,6 +29,8 @@ SPACED_ROW = {"prompt": "After a long week of classes", "chosen": " we walked to
     ("The sun was setting over", " the campus", False),
     ("The sun was setting over", "\nthe campus", False),
     ("The value of pi is 3.", "14", False),  # a decimal point
+    ("total = 1", "00 + x", False),  # a number split between the two
+    ("return self.val", "ue", True),  # a word split on purpose looks the same: `--space_completions false`
     ("He said \"", "hello", False),
     ("The price is $", "5", False),
     ("我们在", "大学学习", False),  # written without spaces
@@ -48,6 +51,22 @@ def test_space_completions_separates_only_glued_completions():
     assert space_completions(mixed) == {"prompt": "Question:", "completion": " Yes", "chosen": " No"}
     conversational = {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Yo"}]}
     assert space_completions(conversational) == conversational
+
+
+@pytest.mark.parametrize("space", [True, False])
+def test_the_scripts_space_completions_and_say_how_many(tmp_path, caplog, space):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [SEED_ROW] * 3 + [SPACED_ROW] * 2))
+    script_args = ScriptArguments(dataset_name=str(path), space_completions=space)
+    with caplog.at_level(logging.WARNING, logger="trl_ext.scripts.common"):
+        train, _ = load_train_and_eval(script_args, make_config(DPOConfig, tmp_path))
+    expected = [space_completions(SEED_ROW) if space else SEED_ROW] * 3 + [SPACED_ROW] * 2
+    assert train.to_list() == expected
+    messages = [record.getMessage() for record in caplog.records if record.name == "trl_ext.scripts.common"]
+    assert messages == ([
+        "Started 3 of 5 rows' completions of the train split with a space: they ran into the prompt's last word "
+        "(e.g. '...The sun was setting overthe beautiful campus of ...'). `--space_completions false` trains on the "
+        "text as written."] if space else [])
 
 
 def glue_warnings(caplog) -> list[str]:

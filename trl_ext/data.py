@@ -152,15 +152,16 @@ def glues_words(prompt: str, completion: str) -> bool:
     """Whether `prompt + completion`, the way TRL joins them, runs two words together.
 
     True when the prompt ends in a letter, digit or sentence punctuation and the completion starts with a letter or
-    digit, with no whitespace between (`"The sun was setting over"` + `"the campus"`). A decimal point before a digit
-    (`"3."` + `"14"`) and scripts written without spaces (Chinese, Japanese, Thai, ...) are not glue.
+    digit, with no whitespace between (`"The sun was setting over"` + `"the campus"`). A number split between the
+    two (`"1"` + `"00"`, `"3."` + `"14"`) and scripts written without spaces (Chinese, Japanese, Thai, ...) are not
+    glue.
     """
     if not prompt or not completion or not _is_spaced_word_character(completion[0]):
         return False
     last = prompt[-1]
-    if last == ".":
-        return not completion[0].isdigit()
-    return _is_spaced_word_character(last) or last in ",;:!?"
+    if completion[0].isdigit() and (last.isdigit() or last == "."):
+        return False
+    return _is_spaced_word_character(last) or last in ".,;:!?"
 
 
 def space_completions(example: dict) -> dict:
@@ -173,22 +174,30 @@ def space_completions(example: dict) -> dict:
                           if isinstance(example.get(column), str) and glues_words(prompt, example[column])}}
 
 
-def warn_if_words_glue(dataset, dataset_name: str) -> None:
-    """Logs one warning with the count, an example and the fix if rows of `dataset` (a `datasets.Dataset` of text
-    prompts and completions) would run words together at the prompt/completion boundary."""
+def glued_rows(dataset) -> tuple[int, str | None]:
+    """How many rows of `dataset` (a `datasets.Dataset` of text prompts and completions) run words together at the
+    prompt/completion boundary ([`glues_words`]), and the first such boundary; `(0, None)` for streaming, tokenized,
+    prompt-less or conversational datasets."""
     columns = [column for column in COMPLETION_COLUMNS if column in (getattr(dataset, "column_names", None) or [])]
     if not columns or "prompt" not in dataset.column_names or not hasattr(dataset, "__len__"):
-        return  # streaming, tokenized or prompt-less datasets
+        return 0, None
     glued, example = 0, None
     for batch in dataset.select_columns(["prompt", *columns]).iter(batch_size=1024):
         for index, prompt in enumerate(batch["prompt"]):
             if not isinstance(prompt, str):
-                return  # conversational rows are joined by the chat template
+                return 0, None  # conversational rows are joined by the chat template
             completion = next((batch[column][index] for column in columns if isinstance(batch[column][index], str)
                                and glues_words(prompt, batch[column][index])), None)
             if completion is not None:
                 glued += 1
                 example = example or prompt[-24:] + completion[:24]
+    return glued, example
+
+
+def warn_if_words_glue(dataset, dataset_name: str) -> None:
+    """Logs one warning with the count, an example and the fix if rows of `dataset` would run words together at the
+    prompt/completion boundary."""
+    glued, example = glued_rows(dataset)
     if glued:
         logger.warning(
             "%d of %d rows of the %s dataset join prompt and completion without a space (e.g. '...%s...'), and TRL "

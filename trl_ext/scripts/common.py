@@ -1,20 +1,24 @@
 """Helpers of the training scripts (`trl-ext dpo|sft`, the recipes): their argument parser and its checks, model
 loading arguments, training, printed summaries."""
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trl
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers import AutoTokenizer
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from ..data import load_dataset_any, space_completions
+from ..data import glued_rows, load_dataset_any, space_completions
 from ..embedded import resolve_model_name
 from ..generation_eval import GenerationEvalCallback
 from ..paths import check_dataset_path, check_model_path
 from ..scorers import DistinctN, RegexMatch, RepeatedNgrams
+
+logger = logging.getLogger(__name__)
 
 
 class CommandParser(TrlParser):
@@ -48,6 +52,16 @@ REQUIRED_FLAGS = {
 }
 
 
+@dataclass
+class ScriptArguments(trl.ScriptArguments):
+    """TRL's script arguments, and how the scripts prepare the dataset's text."""
+
+    space_completions: bool = field(default=True, metadata={
+        "help": "Start each completion that would run into its prompt's last word ('over' + 'the campus') with a "
+                "space, and log how many; false: train on the text as written (code, numbers, words split on "
+                "purpose)."})
+
+
 def parse_command_line(argument_types: tuple, argv: list[str] | None, prog: str | None) -> tuple:
     """One instance of each of `argument_types` (`ScriptArguments` and `ModelConfig` among them) from `argv`
     (default: the command line) and `--config`; a missing `--model_name_or_path` or `--dataset_name` is refused."""
@@ -55,7 +69,7 @@ def parse_command_line(argument_types: tuple, argv: list[str] | None, prog: str 
     check_config_file(argv)
     parsed = CommandParser(argument_types, prog=prog).parse_args_and_config(args=argv)
     model_args = next(arguments for arguments in parsed if isinstance(arguments, ModelConfig))
-    script_args = next(arguments for arguments in parsed if isinstance(arguments, ScriptArguments))
+    script_args = next(arguments for arguments in parsed if isinstance(arguments, trl.ScriptArguments))
     for flag, value in (("--model_name_or_path", model_args.model_name_or_path),
                         ("--dataset_name", script_args.dataset_name)):
         if not value:
@@ -106,10 +120,18 @@ def add_generation_eval(trainer, args: GenerationEvalArguments, dataset) -> None
 
 def load_train_and_eval(script_args: ScriptArguments, training_args):
     """The train split of `--dataset_name` and, when evaluation is on, its `--dataset_test_split` (else None), with
-    completions that would glue to their prompt started with a space (`"over" + "the campus"`)."""
-    dataset = load_dataset_any(
-        script_args.dataset_name, script_args.dataset_config, streaming=script_args.dataset_streaming
-    ).map(space_completions)
+    completions that would glue to their prompt started with a space (`"over" + "the campus"`) unless
+    `--space_completions false`."""
+    dataset = load_dataset_any(script_args.dataset_name, script_args.dataset_config,
+                               streaming=script_args.dataset_streaming)
+    if script_args.space_completions:
+        for split, rows in dataset.items():
+            glued, example = glued_rows(rows)
+            if glued:
+                logger.warning("Started %d of %d rows' completions of the %s split with a space: they ran into the "
+                               "prompt's last word (e.g. '...%s...'). `--space_completions false` trains on the text "
+                               "as written.", glued, len(rows), split, example)
+        dataset = dataset.map(space_completions)
     eval_dataset = None
     if training_args.eval_strategy != "no":
         if script_args.dataset_test_split not in dataset:

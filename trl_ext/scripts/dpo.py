@@ -7,11 +7,12 @@ Every `trl_ext.DPOConfig`, `trl.ModelConfig` and `trl.ScriptArguments` field is 
 `embedded:smollm2-135m-instruct`.
 """
 
-from trl import ModelConfig, ScriptArguments
+from trl import ModelConfig
 
 from ..trainers import DPOConfig, DPOTrainer
 from .common import (
     GenerationEvalArguments,
+    ScriptArguments,
     check_input_paths,
     load_train_and_eval,
     model_init_kwargs,

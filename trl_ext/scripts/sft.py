@@ -7,11 +7,12 @@ format `trl.SFTTrainer` takes (`text`, `prompt`/`completion`, `messages`) or pre
 learned; `--model_name_or_path` a hub id, a local directory or `embedded:smollm2-135m-instruct`.
 """
 
-from trl import ModelConfig, ScriptArguments
+from trl import ModelConfig
 
 from ..trainers import SFTConfig, SFTTrainer
 from .common import (
     GenerationEvalArguments,
+    ScriptArguments,
     check_input_paths,
     load_train_and_eval,
     model_init_kwargs,
