@@ -269,17 +269,24 @@ def addmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -
     return mm_flop(a_shape, b_shape)
 
 
+def with_query_heads(query_shape, *shapes) -> list[tuple]:
+    """`(B, H, S, D)` key and value shapes given the query's head count: grouped-query attention multiplies each
+    query head by its shared key and value heads (torch before 2.10 asserts equal counts)."""
+    return [(shape[0], query_shape[1], *shape[2:]) for shape in shapes]
+
+
 def cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_flop_count
 
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
+    return sdpa_flop_count(query_shape, *with_query_heads(query_shape, key_shape, value_shape))
 
 
 def cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
                                  **kwargs) -> int:
     from torch.utils.flop_counter import sdpa_backward_flop_count
 
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+    return sdpa_backward_flop_count(grad_out_shape, query_shape,
+                                    *with_query_heads(query_shape, key_shape, value_shape))
 
 
 def flop_formulas() -> dict:
