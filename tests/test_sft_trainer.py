@@ -1,6 +1,8 @@
 """`trl_ext.SFTTrainer` against `trl.SFTTrainer` on a tiny random Llama (seconds on CPU)."""
 
 import dataclasses
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -222,6 +224,17 @@ def test_kl_sft_precomputed_reference_matches_on_the_fly(tiny_model_dir, prefere
     for fly, pre in zip(step_logs(on_the_fly), step_logs(precomputed), strict=True):
         for key in ("loss", "kl/penalty", "logps/ref", "logps/policy"):
             assert pre[key] == pytest.approx(fly[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_ref_model_whose_log_probs_are_precomputed_is_freed(tiny_model_dir, preference_dataset, tmp_path):
+    """With the reference's log-probs precomputed, nothing of trl_ext's keeps the `ref_model` passed alive."""
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    alive = weakref.ref(ref_model)
+    trainer = SFTTrainer(model=tiny_model_dir, ref_model=ref_model, train_dataset=preference_dataset,
+                         args=make_config(SFTConfig, tmp_path, loss_type="kl_sft", precompute_ref_log_probs=True))
+    del ref_model
+    gc.collect()
+    assert alive() is None and "ref_token_logps" in trainer.train_dataset.column_names
 
 
 def test_precompute_with_ift_is_refused(tmp_path):

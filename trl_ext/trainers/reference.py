@@ -47,6 +47,8 @@ def build_reference(trainer, ref_model):
     else:
         add_fused_lm_head(ref_model)
     ref_model.requires_grad_(False).eval()  # eval: no dropout in the reference
+    if trainer.args.precompute_ref_log_probs:  # used once, then dropped: not registered with the accelerator for good
+        return ref_model.to(trainer.accelerator.device)
     return trainer.accelerator.prepare_model(ref_model, evaluation_mode=True)
 
 
