@@ -226,6 +226,15 @@ def test_kl_sft_precomputed_reference_matches_on_the_fly(tiny_model_dir, prefere
             assert pre[key] == pytest.approx(fly[key], rel=1e-4, abs=1e-6), key
 
 
+def test_kl_sft_precomputed_reference_in_mixed_precision(tiny_model_dir, preference_dataset, tmp_path):
+    """Precomputed before `train()` prepares the model, the reference's log-probs are in the training's bf16 autocast
+    too: at the first step the policy is the reference, and the penalty is 0."""
+    trainer = train(SFTTrainer, SFTConfig, tiny_model_dir, preference_dataset, tmp_path, {"peft_config": LORA},
+                    loss_type="kl_sft", kl_coef=1.0, precompute_ref_log_probs=True, bf16=True, use_cpu=True,
+                    max_steps=1)
+    assert step_logs(trainer)[0]["kl/penalty"] == 0.0
+
+
 def test_a_ref_model_whose_log_probs_are_precomputed_is_freed(tiny_model_dir, preference_dataset, tmp_path):
     """With the reference's log-probs precomputed, nothing of trl_ext's keeps the `ref_model` passed alive."""
     ref_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -62,13 +62,14 @@ def reference_token_logps(trainer, inputs) -> torch.Tensor:
             "when creating the trainer, or pass a `ref_model`."
         )
     model_inputs = {**inputs, "use_cache": False, "fused_lm_head": True}
+    # In the training's mixed precision also when precomputed, before `train()` prepares the model (as TRL's DPO does)
     if trainer.ref_model is not None:
-        with torch.no_grad():
+        with torch.no_grad(), trainer.accelerator.autocast():
             return trainer.ref_model(**model_inputs).log_probs
     # The policy serves as the reference: without dropout (the base model's and the adapters'), as a separate
     # reference runs, then back in the mode it trains in
     with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), \
-            in_eval_mode(trainer.model):
+            in_eval_mode(trainer.model), trainer.accelerator.autocast():
         if policy_is_reference:  # before the first step, the untrained policy is the reference
             return trainer.model(**model_inputs).log_probs
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
