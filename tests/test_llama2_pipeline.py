@@ -11,7 +11,8 @@ import torch
 from accelerate.commands.config.config_args import load_config_from_file
 from datasets import Dataset
 from peft import AutoPeftModelForCausalLM
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import stack_exchange
 from trl_ext.data import keep_last_prompt_tokens, move_prompt_whitespace_to_completions, prepare_preference_pairs
@@ -79,6 +80,34 @@ def test_prompt_cap_keeps_the_end_in_tokens(se_model_dir):
     assert keep_last_prompt_tokens(short, tokenizer, 64) == short
     with pytest.raises(ValueError, match="`max_prompt_tokens=0` leaves no room"):
         keep_last_prompt_tokens({"prompt": "Question: Why is my list empty?"}, tokenizer, 0)
+
+
+def sentencepiece_style_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
+    """A tokenizer built as Llama-2's is: SentencePiece's "▁" word marks prepended to the first word, byte fallback,
+    and a lone "▁" before text starting with a digit or a newline (it shares the next token's offsets)."""
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{value:02X}>" for value in range(256)]
+    model = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    model.pre_tokenizer = pre_tokenizers.Sequence([  # Llama's vocabulary splits digits: no "▁3"
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        pre_tokenizers.Digits(individual_digits=True)])
+    model.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    model.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_prompt_cap_with_a_sentencepiece_tokenizer():
+    """Every cap from 10 to 60 tokens of a question full of numbers and line breaks keeps the prompt's end, within
+    the cap, without leading whitespace (a lone "▁" token once made the cut fall at the text's start)."""
+    question = " ".join(["my list 3 of 2024 values\nx = f(3)\n"] * 12)
+    prompt = stack_exchange.preference_pair({**ROW, "question": question})["prompt"].rstrip()
+    tokenizer = sentencepiece_style_tokenizer([prompt, ROW["response_j"], ROW["response_k"]] * 3)
+    assert tokenizer.convert_ids_to_tokens(tokenizer("3 values", add_special_tokens=False)["input_ids"])[:2] == [
+        "▁", "3"]
+    for cap in range(10, 61):
+        capped = keep_last_prompt_tokens({"prompt": prompt}, tokenizer, cap)["prompt"]
+        assert len(tokenizer(capped)["input_ids"]) <= cap, cap
+        assert prompt.endswith(capped) and capped.endswith("Answer:") and not capped[0].isspace(), cap
 
 
 def test_pairs_over_max_length_are_dropped_not_truncated(se_model_dir):

@@ -222,15 +222,17 @@ def move_prompt_whitespace_to_completions(example: dict) -> dict:
 def keep_last_prompt_tokens(example: dict, tokenizer, max_prompt_tokens: int) -> dict:
     """Cuts the prompt's start so that it tokenizes to at most `max_prompt_tokens` tokens (special tokens included,
     as TRL tokenizes it), keeping its end, which leads into the completion. The cut falls at a token's first character,
-    so the kept text is unchanged (no decode round trip)."""
+    so the kept text is unchanged (no decode round trip) but for the whitespace it would start with."""
     prompt = example["prompt"]
     while (excess := len(tokenizer(prompt)["input_ids"]) - max_prompt_tokens) > 0:
         offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        # Retokenizing the cut text can merge its first characters differently, hence the loop.
-        cut = offsets[min(excess, len(offsets) - 1)][0]
-        if cut == 0:
+        # Retokenizing the cut text can merge its first characters differently, hence the loop. SentencePiece
+        # tokenizers (Llama's) start text before a digit or a newline with a lone "▁" token sharing the next token's
+        # start: the cut is the first start after the skipped tokens that moves past the text's own.
+        cut = next((start for start, _ in offsets[excess:] if start > 0), None)
+        if cut is None:
             raise ValueError(f"`max_prompt_tokens={max_prompt_tokens}` leaves no room for any prompt text.")
-        prompt = prompt[cut:]
+        prompt = prompt[cut:].lstrip()
     return {**example, "prompt": prompt}
 
 
