@@ -34,16 +34,24 @@ from trl_ext.scripts.common import model_and_tokenizer, reward_summary, train_an
 class DPODataArguments(stack_exchange.StackExchangeArguments):
     data_dir: str = field(default="data/rl")
     eval_data_dir: str = field(default="data/evaluation")
+    eval_samples: int = field(default=1000, metadata={
+        "help": "Leading pairs of the evaluation split evaluated (the reference's 1,000: the split holds millions); "
+                "0: all."})
     max_prompt_tokens: int = field(default=512, metadata={"help": "Prompts keep their last this many tokens."})
     num_proc: int | None = field(default=None, metadata={"help": "Processes for mapping and filtering the data."})
 
     def __post_init__(self):
         if self.max_prompt_tokens < 2:
             raise ValueError(f"`max_prompt_tokens` must be >= 2, got {self.max_prompt_tokens}.")
+        if self.eval_samples < 0:
+            raise ValueError(f"`eval_samples` must be >= 0 (0: the whole split), got {self.eval_samples}.")
 
 
-def load_pairs(data_args: DPODataArguments, data_dir: str, tokenizer, max_length: int | None):
+def load_pairs(data_args: DPODataArguments, data_dir: str, tokenizer, max_length: int | None,
+               samples: int = 0):
     dataset = stack_exchange.load_split(data_args.dataset_name, data_dir)
+    if samples:
+        dataset = dataset.select(range(min(samples, len(dataset))))
     dataset = dataset.map(stack_exchange.preference_pair, remove_columns=dataset.column_names,
                           num_proc=data_args.num_proc)
     return prepare_preference_pairs(dataset, tokenizer, data_args.max_prompt_tokens, max_length,
@@ -56,7 +64,8 @@ def main(data_args: DPODataArguments, training_args: DPOConfig, model_args: Mode
         train_dataset = load_pairs(data_args, data_args.data_dir, tokenizer, training_args.max_length)
         eval_dataset = None
         if training_args.eval_strategy != "no":
-            eval_dataset = load_pairs(data_args, data_args.eval_data_dir, tokenizer, training_args.max_length)
+            eval_dataset = load_pairs(data_args, data_args.eval_data_dir, tokenizer, training_args.max_length,
+                                      data_args.eval_samples)
     trainer = train_and_save(DPOTrainer, model_path, model_args, training_args, train_dataset, eval_dataset, tokenizer)
     trainer.accelerator.print(reward_summary(trainer.state.log_history))
     return trainer

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import ModelConfig, get_peft_config
 
 import stack_exchange
@@ -37,6 +38,8 @@ from trl_ext.scripts.common import model_and_tokenizer, train_and_save
 class SFTDataArguments(stack_exchange.StackExchangeArguments):
     data_dir: str = field(default="data/finetune")
     streaming: bool = field(default=True, metadata={"help": "Stream the data instead of downloading it whole."})
+    shuffle_buffer: int = field(default=5000, metadata={
+        "help": "Streamed examples shuffled together (the Trainer shuffles a downloaded dataset itself)."})
     eval_size: int = field(
         default=4000, metadata={"help": "Leading examples held out for evaluation, when `eval_strategy` is set."}
     )
@@ -45,19 +48,32 @@ class SFTDataArguments(stack_exchange.StackExchangeArguments):
     merge_dtype: str = field(default="bfloat16", metadata={"choices": ["bfloat16", "float16", "float32"]})
 
 
-def main(data_args: SFTDataArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
-    model_path, tokenizer = model_and_tokenizer(model_args, training_args)
+def sft_splits(data_args: SFTDataArguments, training_args: SFTConfig):
+    """The SFT texts to train on, and the leading `eval_size` held out when evaluation is on (else None). Streamed
+    training texts are shuffled in a buffer: a question's answer pairs are stored together, and packing would lay
+    them side by side."""
     dataset = stack_exchange.load_split(data_args.dataset_name, data_args.data_dir, data_args.streaming)
     dataset = dataset.map(stack_exchange.sft_text, remove_columns=dataset.column_names)
     train_dataset, eval_dataset = dataset, None
     if training_args.eval_strategy != "no":
         train_dataset, eval_dataset = dataset.skip(data_args.eval_size), dataset.take(data_args.eval_size)
+    if data_args.streaming:
+        train_dataset = train_dataset.shuffle(buffer_size=data_args.shuffle_buffer, seed=training_args.seed)
+    return train_dataset, eval_dataset
+
+
+def main(data_args: SFTDataArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
+    model_path, tokenizer = model_and_tokenizer(model_args, training_args)
+    train_dataset, eval_dataset = sft_splits(data_args, training_args)
     trainer = train_and_save(SFTTrainer, model_path, model_args, training_args, train_dataset, eval_dataset, tokenizer)
 
     if data_args.merge and get_peft_config(model_args) is not None:
         trainer.accelerator.wait_for_everyone()
         merged_dir = data_args.merged_dir or f"{training_args.output_dir}/merged"
         if trainer.accelerator.is_main_process:  # on CPU: a bf16 7B model needs 14 GB of RAM, not of GPU memory
+            # Under ZeRO-3, transformers would load the base partitioned, with collectives the waiting processes
+            # never join: the merge loads it whole, on this process alone
+            unset_hf_deepspeed_config()
             merge_adapter(training_args.output_dir, merged_dir, data_args.merge_dtype)
             print(f"Merged model saved to {merged_dir}: the starting point of recipes/llama2_dpo.py.")
         trainer.accelerator.wait_for_everyone()

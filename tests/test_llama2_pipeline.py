@@ -155,6 +155,32 @@ def test_published_configs_hold_the_reference_setup():
     assert dpo.prefix_sharing  # each pair's prompt runs once: the same numbers, fewer FLOPs
 
 
+def test_streamed_sft_texts_are_shuffled_and_the_evaluation_split_capped(tmp_path):
+    """SFT: the streamed training texts come in a seeded buffer-shuffled order, every one of them; DPO: the leading
+    `eval_samples` pairs of the evaluation split (the reference's 1,000 by default)."""
+    import llama2_dpo
+    import llama2_sft
+
+    data, sft, _ = llama2_sft.parse_args(["--dataset_name", stack_exchange.SAMPLE, "--bf16", "false",
+                                          "--eval_strategy", "steps", "--eval_size", "4", "--shuffle_buffer", "100",
+                                          "--seed", "1"])
+    train, held_out = llama2_sft.sft_splits(data, sft)
+    in_file = [llama2_sft.stack_exchange.sft_text(row)["text"] for row in sample_rows("finetune")]
+    shuffled = [row["text"] for row in train]
+    assert [row["text"] for row in held_out] == in_file[:4]
+    assert sorted(shuffled) == sorted(in_file[4:]) and shuffled != in_file[4:]
+    assert shuffled == [row["text"] for row in llama2_sft.sft_splits(data, sft)[0]]  # seeded
+
+    data, dpo, _ = llama2_dpo.parse_args(["--dataset_name", stack_exchange.SAMPLE, "--bf16", "false",
+                                          "--eval_samples", "5"])
+    assert llama2_dpo.parse_args(["--bf16", "false"])[0].eval_samples == 1000
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_llama(tmp_path / "model", in_file))
+    pairs = llama2_dpo.load_pairs(data, data.eval_data_dir, tokenizer, None, data.eval_samples)
+    assert pairs["chosen"] == [" " + row["response_j"] for row in sample_rows("evaluation")[:5]]
+    with pytest.raises(ValueError, match=r"`eval_samples` must be >= 0 \(0: the whole split\), got -1"):
+        llama2_dpo.parse_args(["--eval_samples", "-1", "--bf16", "false"])
+
+
 @pytest.mark.parametrize("loss_type", ["cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2"])
 def test_llama2_dpo_takes_every_trl_ext_loss(loss_type):
     import llama2_dpo
