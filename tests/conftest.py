@@ -1,6 +1,8 @@
 import json
 import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,6 +104,21 @@ def step_logs(trainer, drop=frozenset()):
     ]
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def multi_cpu_launcher(processes: int = 2) -> list[str]:
+    """`accelerate launch` with `accelerate_configs/multi_cpu.yaml` on a free port: the default 29500 may still be
+    held by the previous launch's processes."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "accelerate_configs/multi_cpu.yaml"), "--num_processes", str(processes),
+            "--main_process_port", str(free_port())]
+
+
 def run_dpo_script(launcher: list[str], script: list[str], model_dir: str, output_dir: Path, batch_size: int,
                    extra: tuple[str, ...] = ()) -> list[dict]:
     """The DPOP config on the tiny model for 3 steps, run by `launcher` (python, or accelerate launch) as `script` (a
@@ -112,5 +129,6 @@ def run_dpo_script(launcher: list[str], script: list[str], model_dir: str, outpu
                "--per_device_train_batch_size", str(batch_size), "--save_strategy", "steps", "--save_steps", "3",
                "--output_dir", str(output_dir), *extra]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, env=env, check=True, capture_output=True, cwd=ROOT)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
     return json.loads((output_dir / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]

@@ -16,7 +16,7 @@ import pytest
 
 from trl_ext import cli
 
-from .conftest import OPENERS, run_dpo_script
+from .conftest import OPENERS, multi_cpu_launcher, run_dpo_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "recipes/data/penn_pairs_sample.jsonl")
@@ -109,8 +109,7 @@ def test_generation_eval_needs_prompts(tiny_model_dir, tmp_path):
 def test_two_processes_log_the_generation_scores_of_one(tiny_model_dir, tmp_path):
     """`accelerate launch -m trl_ext.cli dpo`: 2 processes x 4 pairs against 1 x 8; the 7 prompts' completions (4
     batches of 2, split between the processes and gathered) are the same, and so are their scores."""
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch",
-                  "--config_file", str(ROOT / "accelerate_configs/multi_cpu.yaml")]
+    accelerate = multi_cpu_launcher()
     script = ["-m", "trl_ext.cli", "dpo"]
     extra = ("--eval_gen_steps", "1", "--eval_gen_prompts", "7", "--eval_gen_batch_size", "2",
              "--eval_gen_max_new_tokens", "6", "--eval_gen_do_sample", "true", "--eval_gen_pattern", "the")

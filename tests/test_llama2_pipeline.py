@@ -18,6 +18,8 @@ import stack_exchange
 from trl_ext.data import keep_last_prompt_tokens, move_prompt_whitespace_to_completions, prepare_preference_pairs
 from trl_ext.testing import build_tiny_llama
 
+from .conftest import multi_cpu_launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 ROW = {"question": "How do I reverse a list?", "response_j": "Use slicing: items[::-1].", "response_k": "Loop."}
 
@@ -192,11 +194,12 @@ def test_llama2_dpo_takes_every_trl_ext_loss(loss_type):
 def launch(script: str, args: list[str], processes: int = 1) -> str:
     """Runs a recipe through `accelerate launch` on CPU, as a user would; returns its standard output."""
     if processes > 1:
-        launcher = ["--config_file", str(ROOT / "accelerate_configs/multi_cpu.yaml"), "--num_processes", str(processes)]
+        launcher = multi_cpu_launcher(processes)
     else:
-        launcher = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(ROOT / "recipes" / script), *args]
+    command = [*launcher, str(ROOT / "recipes" / script), *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout

@@ -2,7 +2,6 @@
 hand."""
 
 import math
-import socket
 from dataclasses import replace
 
 import pytest
@@ -16,6 +15,8 @@ from trl_ext.losses.cdpo import cdpo_loss
 from trl_ext.losses.npo import npo_loss
 from trl_ext.losses.rdpo import rdpo_loss
 from trl_ext.losses.tdpo import sequential_kl, tdpo_loss, token_kl
+
+from .conftest import free_port
 
 
 def _softplus(x: float) -> float:  # -log sigmoid(-x)
@@ -114,9 +115,7 @@ def test_beta_dpo_draws_over_every_process_alike(tmp_path):
     state = {key: torch.tensor(value) for key, value in BETA_DPO_STATE.items()}
     config = _config(tmp_path, loss_type="beta_dpo", beta_dpo_filter_ratio=0.5)
     single = compute_dpo_loss("beta_dpo", replace(_pairs(*BETA_DPO_PAIRS), context=_context(state)), config)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(beta_dpo_on_two_processes, args=(port, str(tmp_path)), nprocs=2)
     processes = [torch.load(tmp_path / f"process-{rank}.pt") for rank in range(2)]
     assert single.metrics["kept"].sum().item() == 2

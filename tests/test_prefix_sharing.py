@@ -2,12 +2,7 @@
 equal to TRL's on `[chosen; rejected]` rows."""
 
 import contextlib
-import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +17,7 @@ from trl_ext.trainers import prefix_sharing
 from trl_ext.trainers.prefix_sharing import PrefixSharing, allowed_attention, share_prefixes, unshare
 from trl_ext.trl_contract import add_fused_lm_head, lm_backbone
 
-from .conftest import CHOSEN, LORA, OPENERS, REJECTED, make_config, train
+from .conftest import CHOSEN, LORA, OPENERS, REJECTED, make_config, multi_cpu_launcher, run_dpo_script, train
 
 FUSED_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
 
@@ -261,20 +256,11 @@ def test_a_model_that_ignores_the_mask_is_refused(tiny_model_dir):
 @pytest.mark.e2e
 def test_two_process_data_parallel_shares_as_one_process_does(tiny_model_dir, tmp_path):
     """`trl-ext dpo --prefix_sharing true` under 2-process DDP on CPU (gloo) logs what the unshared run logs."""
-    root = Path(__file__).resolve().parents[1]
+    launcher = multi_cpu_launcher()
 
     def run(share: bool) -> list[dict]:
-        output_dir = tmp_path / f"share-{share}"
-        subprocess.run([
-            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(root / "accelerate_configs/multi_cpu.yaml"), "-m", "trl_ext.cli", "dpo",
-            "--config", str(root / "recipes/configs/dpop_smollm2.yaml"), "--model_name_or_path", tiny_model_dir,
-            "--lora_target_modules", "q_proj", "v_proj", "--learning_rate", "5e-3", "--max_steps", "2",
-            "--logging_steps", "1", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
-            "--save_steps", "2", "--output_dir", str(output_dir), "--prefix_sharing", str(share).lower(),
-        ], env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, check=True,
-            capture_output=True, cwd=root)
-        history = json.loads((output_dir / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+        history = run_dpo_script(launcher, ["-m", "trl_ext.cli", "dpo"], tiny_model_dir, tmp_path / f"share-{share}",
+                                 batch_size=4, extra=("--prefix_sharing", str(share).lower()))
         return [{key: value for key, value in entry.items() if "runtime" not in key and "per_second" not in key}
                 for entry in history]
 
@@ -282,6 +268,6 @@ def test_two_process_data_parallel_shares_as_one_process_does(tiny_model_dir, tm
                                                   "--prefix_sharing", "true"])
     assert training_args.prefix_sharing is True
     unshared, shared = run(False), run(True)
-    assert len([entry for entry in shared if "loss" in entry]) == 2 and "dpop/penalty" in shared[0]
+    assert len([entry for entry in shared if "loss" in entry]) == 3 and "dpop/penalty" in shared[0]
     for unshared_entry, shared_entry in zip(unshared, shared, strict=True):
         assert shared_entry == pytest.approx(unshared_entry, abs=1e-5)

@@ -9,7 +9,7 @@ import pytest
 
 from trl_ext.scripts.common import reward_summary
 
-from .conftest import run_dpo_script
+from .conftest import multi_cpu_launcher, run_dpo_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +74,7 @@ def _run_dpo_recipe(launcher: list[str], model_dir: str, output_dir: Path, batch
 @pytest.mark.e2e
 def test_dpop_two_process_data_parallel_matches_single_process(tiny_model_dir, tmp_path):
     """2 ranks x 4 pairs see the same global batch as 1 rank x 8: same metrics, averaged across ranks."""
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch",
-                  "--config_file", str(ROOT / "accelerate_configs/multi_cpu.yaml")]
+    accelerate = multi_cpu_launcher()
     parallel = _run_dpo_recipe(accelerate, tiny_model_dir, tmp_path / "ddp", batch_size=4)
     single = _run_dpo_recipe([sys.executable], tiny_model_dir, tmp_path / "single", batch_size=8)
     assert len(parallel) == len(single) == 3

@@ -8,7 +8,6 @@ trainers here run on the CPU (`use_cpu`) on a GPU machine too: a gloo group hold
 """
 
 import contextlib
-import socket
 
 import pytest
 import safetensors.torch
@@ -28,7 +27,7 @@ from trl_ext import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 from trl_ext.trainers.saving import check_adapter_has_weights, load_adapter_into_fsdp1
 from trl_ext.trl_contract import add_fused_lm_head, record_fused_outputs
 
-from .conftest import LORA, make_config
+from .conftest import LORA, free_port, make_config
 
 
 @pytest.fixture
@@ -36,9 +35,7 @@ def gloo_group():
     """A one-process gloo group, and accelerate's process-wide state started afresh on the CPU (and again after the
     test): an earlier test on a GPU machine leaves it on `cuda:0`, which a CPU trainer may not share."""
     AcceleratorState._reset_state(reset_partial_state=True)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
@@ -252,9 +249,7 @@ def resume_on_two_processes(rank: int, port: int, model_dir: str, output_dir: st
 
 
 def test_an_adapter_sharded_between_two_processes_is_restored(tiny_model_dir, preference_dataset, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     torch.multiprocessing.spawn(resume_on_two_processes, nprocs=2,
                                 args=(port, tiny_model_dir, str(tmp_path), preference_dataset.to_dict()))
     saved = adapter_weights(AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter"))
