@@ -84,9 +84,9 @@ def beta_dpo(batch: PreferenceLogps, config) -> PreferenceLossOutput:
     margin = batch.margins.detach()
     context = batch.context
     state = context.state
-    mask = torch.ones_like(margin)
+    gathered = context.gather(margin)  # every process's pairs: one gather serves the statistics, draw and beta
+    kept = torch.ones_like(gathered)
     if context.training:
-        gathered = context.gather(margin).float()
         std = gathered.std() if gathered.numel() > 1 else gathered.new_zeros(())
         momentum = config.beta_dpo_momentum
         state["running_mean"] = exponential_moving_average(state.get("running_mean", 0.0), gathered.mean(), momentum)
@@ -95,13 +95,12 @@ def beta_dpo(batch: PreferenceLogps, config) -> PreferenceLossOutput:
         generator = torch.Generator(device=gathered.device).manual_seed(int(state["draws"]))
         kept = beta_dpo_filter_mask(gathered, state["running_mean"], state["running_std"],
                                     config.beta_dpo_filter_ratio, generator)
-        mask = kept.view(-1, margin.numel())[context.process_index].to(margin.dtype)
+    mask = kept.view(-1, margin.numel())[context.process_index]
     running_mean = state.get("running_mean", margin.new_zeros(()))
     running_std = state.get("running_std", margin.new_zeros(()))
-    every_mask = context.gather(mask)
-    kept_margin = context.gather(margin * mask).sum() / every_mask.sum()  # at least one pair is kept
+    kept_margin = (gathered * kept).sum() / kept.sum()  # at least one pair is kept
     beta = beta_dpo_beta(kept_margin, running_mean, config.beta, config.beta_dpo_alpha)
-    losses = weighted_sigmoid_loss(batch.margins, beta, mask, every_mask.mean())
+    losses = weighted_sigmoid_loss(batch.margins, beta, mask, kept.mean())
     per_pair = torch.ones_like(margin)
     metrics = {"beta": beta * per_pair, "kept": mask, "running_mean": running_mean * per_pair,
                "running_std": running_std * per_pair}
