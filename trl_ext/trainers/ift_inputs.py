@@ -32,13 +32,12 @@ def check_first_pass_can_run(trainer, loss_type: str) -> None:
         raise ValueError(SHARDED_PARAMETERS_MESSAGE.format(loss_type))
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     embedding = unwrapped.get_input_embeddings()
-    if trainer.args.ift_prediction == "soft" and soft_embedding_matrix(unwrapped) is None:
+    if trainer.args.ift_prediction == "soft" and soft_embedding(unwrapped) is None:
         raise ValueError(
             f"`ift_prediction='soft'` weights the rows of the embedding matrix, but this model's embedding layer is "
             f"`{type(embedding).__module__}.{type(embedding).__qualname__}` (an adapter or trainable tokens on the "
-            "embeddings?), "
-            "whose output is not those rows: use `ift_prediction='greedy'`, or leave the embeddings out of the "
-            "adapter's `target_modules`."
+            "embeddings?), whose output is not those rows: use `ift_prediction='greedy'`, or leave the embeddings out "
+            "of the adapter's `target_modules`."
         )
 
 
@@ -65,15 +64,15 @@ def next_token_logits(causal_lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
-def soft_embedding_matrix(unwrapped) -> torch.Tensor | None:
-    """`(vocab, H)` the input embedding of each token, for a probability-weighted embedding (`probs @ matrix`): the
-    embedding layer's weight times its scale (Gemma's scaled embeddings); `None` for a layer whose output is not
-    its weight's rows (a PEFT adapter or trainable tokens on the embeddings)."""
+def soft_embedding(unwrapped) -> tuple[torch.Tensor, torch.Tensor | float] | None:
+    """`(weight, scale)`: the input embedding of a probability-weighted token is `(probs @ weight) * scale` (Gemma
+    scales its embeddings; the scale is applied to the product, not to a copy of the matrix); `None` for a layer whose
+    output is not its weight's rows (a PEFT adapter or trainable tokens on the embeddings)."""
     embedding = unwrapped.get_input_embeddings()
     if not isinstance(embedding, torch.nn.Embedding):
         return None
     scale = getattr(embedding, "embed_scale", None)
-    return embedding.weight if scale is None else embedding.weight * scale.to(embedding.weight.dtype)
+    return embedding.weight, 1.0 if scale is None else scale.to(embedding.weight.dtype)
 
 
 def predict_next_embeddings(
@@ -86,7 +85,7 @@ def predict_next_embeddings(
         inputs: the batch (`input_ids` `(B, T)`, and `attention_mask` or padding-free `position_ids`).
         mix_mask: `(B, T)` bool, True at the positions whose input is mixed; each is predicted from the position before.
         prediction: `"greedy"` (the argmax token's embedding, from the embedding layer) or `"soft"` (the
-            probability-weighted embedding, see [`soft_embedding_matrix`]).
+            probability-weighted embedding, see [`soft_embedding`]).
 
     Returns:
         The predicted embedding at each masked position `(B, T, H)` and the teacher-forced NLL of its token `(B, T)`,
@@ -97,7 +96,7 @@ def predict_next_embeddings(
     backbone_inputs = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
     hidden = causal_lm.base_model(**backbone_inputs, use_cache=False).last_hidden_state
     embedding = unwrapped.get_input_embeddings()
-    soft_matrix = soft_embedding_matrix(unwrapped) if prediction == "soft" else None
+    weight, scale = soft_embedding(unwrapped) if prediction == "soft" else (None, None)
     source_hidden = hidden[:, :-1][mix_mask[:, 1:]]  # the position before each masked one
     targets = inputs["input_ids"][mix_mask]
     predicted, nll = [], []
@@ -108,7 +107,7 @@ def predict_next_embeddings(
         if prediction == "greedy":
             predicted.append(embedding(logits.argmax(dim=-1)))
         else:
-            predicted.append(log_probs.exp().to(soft_matrix.dtype) @ soft_matrix)
+            predicted.append((log_probs.exp().to(weight.dtype) @ weight) * scale)
     predicted_embeds = hidden.new_zeros(*mix_mask.shape, embedding.weight.size(1), dtype=embedding.weight.dtype)
     token_nll = hidden.new_zeros(mix_mask.shape, dtype=torch.float32)
     if predicted:
