@@ -3,7 +3,15 @@
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
+)
 
 from trl_ext.trainers import ift_inputs as ift
 
@@ -25,20 +33,28 @@ def naive_predictions(model, input_ids, attention_mask, mix_mask, prediction):
     return predicted, nll
 
 
-def tiny_gemma2():
-    """Scaled input embeddings (by the square root of the hidden size) and soft-capped logits."""
+TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+def tiny_model(kind: str):
+    """Gemma 2: scaled input embeddings (by the square root of the hidden size) and soft-capped logits; Granite:
+    logits divided by `logits_scaling`; Cohere: logits multiplied by `logit_scale`."""
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0)
-    return Gemma2ForCausalLM(config)
+    if kind == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=2.0))
+    if kind == "granite":
+        return GraniteForCausalLM(GraniteConfig(**TINY, logits_scaling=4.0))
+    return CohereForCausalLM(CohereConfig(**TINY, logit_scale=3.0))
 
 
-@pytest.mark.parametrize("model_kind", ["llama", "llama_peft", "gemma2"])
+@pytest.mark.parametrize("model_kind", ["llama", "llama_peft", "gemma2", "granite", "cohere"])
 @pytest.mark.parametrize("prediction", ["greedy", "soft"])
 def test_first_pass_matches_full_logits_position_by_position(tiny_model_dir, monkeypatch, prediction, model_kind):
     monkeypatch.setattr(ift, "PREDICTION_CHUNK", 5)  # several chunks, the last one partial
     torch.manual_seed(0)
-    model = (tiny_gemma2() if model_kind == "gemma2" else AutoModelForCausalLM.from_pretrained(tiny_model_dir)).eval()
+    model = (AutoModelForCausalLM.from_pretrained(tiny_model_dir) if model_kind.startswith("llama")
+             else tiny_model(model_kind)).eval()
     peft = model_kind == "llama_peft"
     if peft:
         model = get_peft_model(model, LORA)
