@@ -47,6 +47,10 @@ class SFTDataArguments(stack_exchange.StackExchangeArguments):
     merged_dir: str | None = field(default=None, metadata={"help": "Where the merged model goes; <output_dir>/merged."})
     merge_dtype: str = field(default="bfloat16", metadata={"choices": ["bfloat16", "float16", "float32"]})
 
+    def __post_init__(self):
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"`shuffle_buffer` must be >= 1 (1: the stream's own order), got {self.shuffle_buffer}.")
+
 
 def sft_splits(data_args: SFTDataArguments, training_args: SFTConfig):
     """The SFT texts to train on, and the leading `eval_size` held out when evaluation is on (else None). Streamed

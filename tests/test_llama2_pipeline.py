@@ -181,6 +181,8 @@ def test_streamed_sft_texts_are_shuffled_and_the_evaluation_split_capped(tmp_pat
     assert pairs["chosen"] == [" " + row["response_j"] for row in sample_rows("evaluation")[:5]]
     with pytest.raises(ValueError, match=r"`eval_samples` must be >= 0 \(0: the whole split\), got -1"):
         llama2_dpo.parse_args(["--eval_samples", "-1", "--bf16", "false"])
+    with pytest.raises(ValueError, match=r"`shuffle_buffer` must be >= 1 \(1: the stream's own order\), got 0"):
+        llama2_sft.parse_args(["--shuffle_buffer", "0", "--bf16", "false"])
 
 
 @pytest.mark.parametrize("loss_type", ["cdpo", "rdpo", "beta_dpo", "npo", "tdpo1", "tdpo2"])

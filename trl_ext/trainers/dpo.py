@@ -91,6 +91,7 @@ class DPOTrainer(SavesLoadableModels, CitesItsLosses, trl.DPOTrainer):
 
     # Stepwise DPO's stage references (`sdpo_stages > 1`)
     stepwise_reference = None
+
     def sharing_prefixes(self):
         """A context in which the policy's and the reference's forwards run on shared rows, with `prefix_sharing`.
         Built for the models of the moment: TRL drops its reference after precomputing its log-probs."""
