@@ -13,10 +13,11 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
 from trl_ext import cli
 
-from .conftest import OPENERS, multi_cpu_launcher, run_dpo_script
+from .conftest import OPENERS, free_port, multi_cpu_launcher, run_dpo_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = str(ROOT / "recipes/data/penn_pairs_sample.jsonl")
@@ -58,6 +59,23 @@ def test_the_package_alone_runs_every_command_it_lists(tmp_path):
     assert listed == list(cli.COMMANDS) and "penn" not in listed
     for command in listed:
         assert run("-m", "trl_ext.cli", command, "--help").strip(), command
+
+
+def start_gloo_group() -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+
+
+def test_a_command_ends_the_process_group_it_started():
+    """A launched command's gloo group ends with its success (left to the interpreter's exit, its threads may abort the
+    process), and one its caller started is left to the caller."""
+    assert cli.run_command(start_gloo_group, tuple) == 0
+    assert not dist.is_initialized()
+    start_gloo_group()
+    try:
+        assert cli.run_command(dist.barrier, tuple) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("argv", [[], ["rlhf"]])

@@ -90,7 +90,7 @@ def run_command(function: Callable, parse: Callable[[], tuple], debug: bool = Fa
     """Runs `function(*parse())` as a command: returns 0, or prints a refusal as one `error:` line and returns 2 (from
     `parse`) or 1 (from `function`, raised by trl_ext's code or by code under `own_code`, the calling script's own
     directory, whose checks refuse inputs too). Other errors, and every error with `debug` or TRL_EXT_DEBUG=1, are
-    raised with their traceback."""
+    raised with their traceback. A torch.distributed process group that `function` started ends with its success."""
     debug = debug or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
     refusing_code = (PACKAGE,) if own_code is None else (PACKAGE, Path(own_code).resolve())
     try:
@@ -100,6 +100,7 @@ def run_command(function: Callable, parse: Callable[[], tuple], debug: bool = Fa
             raise
         _refuse(error)
         return 2
+    grouped_before = _process_group_initialized()
     try:
         function(*arguments)
     except REFUSALS as error:
@@ -107,7 +108,18 @@ def run_command(function: Callable, parse: Callable[[], tuple], debug: bool = Fa
             raise
         _refuse(error)
         return 1
+    if not grouped_before and _process_group_initialized():
+        # Left to the interpreter's exit, gloo's worker threads can abort a process whose run succeeded (SIGABRT,
+        # "terminate called without an active exception"; pytorch#179291). Only after success: every process got here.
+        sys.modules["torch.distributed"].destroy_process_group()
     return 0
+
+
+def _process_group_initialized() -> bool:
+    """Whether torch.distributed has a default process group (accelerate starts one per launched process); False
+    before torch is imported, so `trl-ext env` and a refused flag do not import it."""
+    distributed = sys.modules.get("torch.distributed")
+    return distributed is not None and distributed.is_available() and distributed.is_initialized()
 
 
 def main(argv: list[str] | None = None) -> int:
