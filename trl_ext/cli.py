@@ -110,7 +110,8 @@ def run_command(function: Callable, parse: Callable[[], tuple], debug: bool = Fa
         return 1
     if not grouped_before and _process_group_initialized():
         # Left to the interpreter's exit, gloo's worker threads can abort a process whose run succeeded (SIGABRT,
-        # "terminate called without an active exception"; pytorch#179291). Only after success: every process got here.
+        # "terminate called without an active exception"; pytorch#179291). Only after success: after an error a peer
+        # may still wait in a collective, and ending an NCCL group under it can hang instead of exiting.
         sys.modules["torch.distributed"].destroy_process_group()
     return 0
 
